@@ -1,0 +1,7 @@
+"""Helpers for tests: tiny random models with a real tokenizer and their GGUF conversion."""
+
+from __future__ import annotations
+
+from .tiny_model import ARCHITECTURES, build_tiny_hf_model, convert_hf_to_gguf, smollm2_tokenizer_dir
+
+__all__ = ["ARCHITECTURES", "build_tiny_hf_model", "convert_hf_to_gguf", "smollm2_tokenizer_dir"]

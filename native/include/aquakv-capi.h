@@ -1,0 +1,51 @@
+// aquakv-gguf: a flat C API over llama.h for the Python (cffi, ABI mode) bindings.
+//
+// Only scalars, strings and plain arrays cross this boundary: the bindings never mirror
+// llama.cpp's parameter structs, whose layout changes between upstream versions.
+// No C++ exception escapes; failures return NULL / a negative code and log the reason,
+// which the caller reads back with aquakv_log_tail().
+#pragma once
+
+#include "llama.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Logging: installs a logger that keeps the last lines of llama.cpp/ggml output and
+// echoes lines of level >= echo_level (enum ggml_log_level) to stderr; echo_level < 0
+// echoes nothing.
+LLAMA_API void   aquakv_log_capture(int32_t echo_level);
+// Copies the retained lines (oldest first, '\n'-terminated) into buf (NUL-terminated,
+// truncated to buf_size-1); returns the bytes the full text needs, excluding the NUL.
+LLAMA_API size_t aquakv_log_tail(char * buf, size_t buf_size);
+LLAMA_API void   aquakv_log_clear(void);
+
+// ggml type id for a name such as "f16", "q8_0", "q4_0"; -1 if unknown.
+LLAMA_API int32_t aquakv_type_from_name(const char * name);
+
+// Loads a model. kv_overrides: NULL or '\n'-separated "key=type:value" entries with
+// type int|float|bool|str (the --override-kv syntax of the llama.cpp tools).
+LLAMA_API struct llama_model * aquakv_model_load(
+        const char * path, int32_t n_gpu_layers, bool use_mmap, bool vocab_only,
+        const char * kv_overrides);
+
+// Creates a context. 0 keeps llama.cpp's default for the sizes and thread count;
+// type_k/type_v: ggml type ids; flash_attn: -1 auto, 0 off, 1 on.
+LLAMA_API struct llama_context * aquakv_context_new(
+        struct llama_model * model, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch,
+        uint32_t n_seq_max, int32_t n_threads, int32_t type_k, int32_t type_v,
+        int32_t flash_attn, bool kv_unified, bool offload_kqv);
+
+// Decodes n_tokens tokens, token i at position pos[i] of sequence seq_ids[i]; logits
+// are kept for the tokens with want_logits[i] != 0. Returns llama_decode's status.
+LLAMA_API int32_t aquakv_decode(
+        struct llama_context * ctx, const llama_token * tokens, const llama_pos * pos,
+        const llama_seq_id * seq_ids, const int8_t * want_logits, int32_t n_tokens);
+
+#ifdef __cplusplus
+}
+#endif
