@@ -70,7 +70,9 @@ def _load_cached() -> dict[str, str] | None:
     books: dict[str, str] = {}
     for title in BOOKS.values():
         try:
-            text = _text_file(title).read_text(encoding="utf-8")
+            # newline="" keeps the text byte-exact, as the manifest's hash was taken.
+            with open(_text_file(title), encoding="utf-8", newline="") as fh:
+                text = fh.read()
         except (OSError, UnicodeDecodeError):
             return None
         # A damaged or edited cache must not leak into calibration or evaluation silently.

@@ -74,6 +74,10 @@ _SPECIAL_ENVS = {
 }
 
 
+# Kinds whose value is a list of (tag, value) cells rather than of plain elements.
+_PAIRLIST_KINDS = frozenset({"pairlist", "language", "closure", "promise", "..."})
+
+
 @dataclass
 class RSymbol:
     """An R symbol (a name), e.g. the tag of a pairlist cell."""
@@ -107,7 +111,7 @@ class RObject:
     @property
     def names(self) -> list[str | None] | None:
         """The ``names`` attribute (or a pairlist's tags), if any."""
-        if self.kind in ("pairlist", "language", "closure", "promise", "..."):
+        if self.kind in _PAIRLIST_KINDS:
             return [tag for tag, _ in self.value]
         names = self.attributes.get("names")
         if isinstance(names, RObject) and names.kind == "character":
@@ -120,18 +124,19 @@ class RObject:
     def __getitem__(self, key: int | str) -> Any:
         """Element by position, or by name for named vectors, lists and pairlists."""
         if isinstance(key, int):
-            item = self.value[key]
-            return item[1] if self.kind == "pairlist" else item
-        names = self.names
-        if names is None or key not in names:
-            raise KeyError(f"R {self.kind} has no element named {key!r}")
-        item = self.value[names.index(key)]
-        return item[1] if self.kind in ("pairlist", "language") else item
+            index = key
+        else:
+            names = self.names
+            if names is None or key not in names:
+                raise KeyError(f"R {self.kind} has no element named {key!r}")
+            index = names.index(key)
+        item = self.value[index]
+        return item[1] if self.kind in _PAIRLIST_KINDS else item
 
     def as_dict(self) -> dict[str, Any]:
         """Named elements as a dict (unnamed elements are skipped)."""
         names = self.names or []
-        values = [v[1] if isinstance(v, tuple) else v for v in self.value] if self.value else []
+        values = [self[i] for i in range(len(self))]
         return {n: v for n, v in zip(names, values) if n}
 
 

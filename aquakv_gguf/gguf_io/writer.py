@@ -1,28 +1,26 @@
 """Write ``model.aqua.gguf``: the input GGUF copied byte for byte plus the ``aquakv.*`` data.
 
-Every key/value pair of the input is re-emitted with its original type (values round-trip
-exactly: integers, f32/f64 bit patterns, strings and arrays), and every tensor's info and
-raw data bytes are copied unchanged, in the input's order, followed by the AQUA-KV tensors.
-The file is written to a temporary name in the destination folder and renamed at the end,
-so a failure never leaves a partial ``model.aqua.gguf`` behind.
+Every key/value pair and tensor-info record of the input is emitted from its original bytes and
+the tensor data section is streamed unchanged (rawgguf.rewrite); the AQUA-KV pairs and tensors
+are appended after them.  The file is written to a temporary name in the destination folder and
+renamed at the end, so a failure never leaves a partial ``model.aqua.gguf`` behind.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType, GGUFWriter
-from tqdm import tqdm
+from gguf import GGUFValueType
 
 from . import names
 from .errors import AquaKVFormatError
 from .params import AquaKVParams
+from .rawgguf import RawGGUF, rewrite
 
 log = logging.getLogger(__name__)
 
@@ -113,62 +111,13 @@ def write_aqua_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], pa
     _check_params(params)
     if dst.exists() and src.exists() and os.path.samefile(src, dst):
         raise AquaKVFormatError(f"refusing to overwrite the input model {src}")
-    try:
-        reader = GGUFReader(src)
-    except (ValueError, OSError, IndexError) as exc:
-        raise AquaKVFormatError(f"{src}: not a readable GGUF file ({exc})") from exc
-    if any(names.is_aquakv_key(k) for k in reader.fields) or any(names.is_aquakv_tensor(t.name) for t in reader.tensors):
+    raw = RawGGUF(src)
+    if any(names.is_aquakv_key(k) for k in raw.fields) or any(names.is_aquakv_tensor(t.name) for t in raw.tensors):
         raise AquaKVFormatError(f"{src} already carries aquakv.* data: convert the original model instead")
-    arch_field = reader.get_field("general.architecture")
-    if arch_field is None:
+    if "general.architecture" not in raw.fields:
         raise AquaKVFormatError(f"{src}: no general.architecture key")
-
     extra = aquakv_tensors(params, weight_dtype)
-    fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        writer = GGUFWriter(tmp, arch=arch_field.contents())
-        for field in reader.fields.values():
-            # GGUF.* are the reader's view of the header; the writer adds general.architecture itself.
-            if field.name.startswith("GGUF.") or field.name == "general.architecture":
-                continue
-            if field.name == "general.alignment":
-                # Keeps the tensor data offsets of the copy aligned like the original.
-                writer.add_custom_alignment(int(field.contents()))
-                continue
-            vtype = field.types[0]
-            sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
-            writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub_type)
-        for key, value, vtype, sub_type in aquakv_metadata(params):
-            writer.add_key_value(key, value, vtype, sub_type=sub_type)
-
-        total = 0
-        for t in reader.tensors:
-            if t.data.nbytes != t.n_bytes:
-                raise AquaKVFormatError(f"{src}: tensor {t.name} is truncated "
-                                        f"({t.data.nbytes} of {t.n_bytes} bytes): the file is incomplete")
-            writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
-            total += t.n_bytes
-        for name, arr in extra.items():
-            writer.add_tensor_info(name, arr.shape, arr.dtype, arr.nbytes)
-            total += arr.nbytes
-
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        with tqdm(total=total, unit="B", unit_scale=True, desc="writing GGUF", disable=not progress) as bar:
-            for t in reader.tensors:
-                writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
-                bar.update(t.n_bytes)
-            for arr in extra.values():
-                writer.write_tensor_data(arr)
-                bar.update(arr.nbytes)
-        writer.close()
-        os.replace(tmp, dst)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    log.info("wrote %s (%d original + %d aquakv tensors) in %.1f s", dst, len(reader.tensors), len(extra),
+    rewrite(raw, dst, add_fields=aquakv_metadata(params), add_tensors=extra, progress=progress)
+    log.info("wrote %s (%d original + %d aquakv tensors) in %.1f s", dst, len(raw.tensors), len(extra),
              time.perf_counter() - t0)
     return dst

@@ -201,7 +201,7 @@ class Context:
         size = self._lib.llama_state_get_size(self.handle)
         buf = ffi.new("uint8_t[]", size)
         n = self._lib.llama_state_get_data(self.handle, buf, size)
-        return ffi.unpack(buf, n)
+        return bytes(ffi.buffer(buf, n))
 
     def load_state(self, data: bytes) -> None:
         self._lib.aquakv_log_clear()
@@ -213,7 +213,7 @@ class Context:
         size = self._lib.llama_state_seq_get_size(self.handle, seq_id)
         buf = ffi.new("uint8_t[]", size)
         n = self._lib.llama_state_seq_get_data(self.handle, buf, size, seq_id)
-        return ffi.unpack(buf, n)
+        return bytes(ffi.buffer(buf, n))
 
     def load_seq_state(self, data: bytes, seq_id: int = 0) -> None:
         self._lib.aquakv_log_clear()

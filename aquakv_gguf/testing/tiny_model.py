@@ -8,7 +8,6 @@ llama.cpp's converter recognises the pre-tokenizer.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from aquakv_gguf.assets import cache_dir, smollm2_gguf
+from aquakv_gguf.assets._cache import locked
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
@@ -38,7 +38,6 @@ def _cached_tokenizer_is_complete(folder: Path) -> bool:
     return all((folder / name).is_file() for name in _TOKENIZER_FILES) and (folder / "ok").is_file()
 
 
-@functools.lru_cache(maxsize=1)
 def smollm2_tokenizer_dir() -> Path:
     """A folder holding SmolLM2's tokenizer saved in transformers' format.
 
@@ -48,6 +47,15 @@ def smollm2_tokenizer_dir() -> Path:
     folder = _tokenizer_cache_dir()
     if _cached_tokenizer_is_complete(folder):
         return folder
+    with locked("tokenizer"):
+        if _cached_tokenizer_is_complete(folder):
+            return folder
+        _derive_tokenizer(folder)
+    return folder
+
+
+def _derive_tokenizer(folder: Path) -> None:
+    """Load the tokenizer out of the GGUF and save it into `folder` (write-then-rename)."""
     from transformers import AutoTokenizer
 
     gguf = smollm2_gguf()
@@ -64,7 +72,6 @@ def smollm2_tokenizer_dir() -> Path:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    return folder
 
 
 def _normalise_tokenizer_config(folder: Path) -> None:
@@ -149,14 +156,68 @@ def build_tiny_hf_model(out_dir: Path, *, arch: str = "llama", n_layers: int = 2
                     # Ones would make a forgotten norm weight undetectable.
                     param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=gen))
                 elif name.endswith(".bias"):
-                    # Bias of the order of the projection output (~0.3), so it matters.
-                    param.copy_(0.1 * torch.randn(param.shape, generator=gen))
+                    # A sixth of the projections' output scale (~0.3): dropping a bias visibly
+                    # changes K and V, yet a constant V offset does not swamp the attention output
+                    # (at 0.1 the top-1 token barely changes along the sequence).
+                    param.copy_(0.05 * torch.randn(param.shape, generator=gen))
     model.eval()
     model.save_pretrained(str(out_dir), safe_serialization=True)
+    _save_tokenizer(tok_dir, out_dir, tokenizer)
+    return out_dir
+
+
+# Text whose tokens differ between pre-tokenizers (punctuation glued to words, digit runs,
+# whitespace runs, non-ASCII), like the probe llama.cpp's converter hashes.
+_PROBE = ("\n \n\n \t\t (normal) 3 33 333 3.3 3...3 I've been 'told he's there, 'RE you sure? "
+          "------======= нещо 我想在apple工作1314151天 ```\"\"\"......!!!!!!")
+
+_SHIM_MODULE = "tokenization_aquakv_tiny"
+_SHIM_SOURCE = '''"""SmolLM2's tokenizer exactly as tokenizer.json describes it.
+
+transformers 5 gives some model types (qwen2 among them) their own tokenizer class, which
+rebuilds the pre-tokenizer from hard-coded rules instead of reading tokenizer.json; the
+tiny test models borrow SmolLM2's tokenizer, so they name this plain class instead.
+"""
+
+from transformers import TokenizersBackend
+
+
+class AquaKVTinyTokenizer(TokenizersBackend):
+    """TokenizersBackend under a name of its own, so tokenizer.json is loaded unchanged."""
+'''
+
+
+def _save_tokenizer(tok_dir: Path, out_dir: Path, reference: Any) -> None:
+    """Copy the saved tokenizer files into the model folder and make sure that
+    ``AutoTokenizer.from_pretrained(out_dir)`` (what llama.cpp's converter calls) tokenizes
+    exactly as SmolLM2 does.
+
+    transformers 5 maps qwen2 configs to ``Qwen2Tokenizer`` whatever tokenizer_config.json
+    names; that class imposes Qwen's pre-tokenizer on SmolLM2's vocabulary, giving a token
+    stream the converter's pre-tokenizer table does not know ("BPE pre-tokenizer was not
+    recognized"). For such model types transformers ignores a tokenizer ``auto_map`` unless
+    remote code is trusted and then honours tokenizer_config.json's ``tokenizer_class``;
+    an ``auto_map`` to a one-line subclass of ``TokenizersBackend`` (shipped beside it, so
+    trusting remote code works too) therefore restores SmolLM2's own tokenization.
+    """
+    from transformers import AutoTokenizer
+
     for name in os.listdir(tok_dir):
         if name != "ok":
             shutil.copy2(tok_dir / name, out_dir / name)
-    return out_dir
+    expected = reference.encode(_PROBE)
+    if AutoTokenizer.from_pretrained(str(out_dir)).encode(_PROBE) == expected:
+        return
+    (out_dir / f"{_SHIM_MODULE}.py").write_text(_SHIM_SOURCE, encoding="utf-8")
+    path = out_dir / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["auto_map"] = {"AutoTokenizer": [None, f"{_SHIM_MODULE}.AquaKVTinyTokenizer"]}
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    loaded = AutoTokenizer.from_pretrained(str(out_dir))
+    if loaded.encode(_PROBE) != expected:
+        raise RuntimeError(
+            f"transformers loads the tokenizer saved in {out_dir} as {type(loaded).__name__}, "
+            "which does not tokenize like SmolLM2; llama.cpp's converter would reject it")
 
 
 def convert_hf_to_gguf(hf_dir: Path, out_path: Path, *, outtype: str = "f32") -> Path:
@@ -173,9 +234,12 @@ def convert_hf_to_gguf(hf_dir: Path, out_path: Path, *, outtype: str = "f32") ->
     tmp = Path(tmp_name)
     cmd = [sys.executable, str(tree / "convert_hf_to_gguf.py"), str(Path(hf_dir).resolve()),
            "--outfile", str(tmp), "--outtype", outtype]
+    env = dict(os.environ)
+    # The converter needs its own tree's gguf-py (the released gguf lacks symbols it uses).
+    env.pop("NO_LOCAL_GGUF", None)
     try:
-        proc = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, check=False)
-        if proc.returncode != 0 or tmp.stat().st_size == 0:
+        proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True, check=False)
+        if proc.returncode != 0 or not tmp.is_file() or tmp.stat().st_size == 0:
             tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-25:])
             raise RuntimeError(f"convert_hf_to_gguf.py failed on {hf_dir} "
                                f"(exit {proc.returncode}):\n{tail}")

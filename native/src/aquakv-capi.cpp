@@ -180,7 +180,9 @@ struct llama_model * aquakv_model_load(
         }
         llama_model_params params = llama_model_default_params();
         params.n_gpu_layers = n_gpu_layers;
-        params.use_mmap     = use_mmap;
+        if (!use_mmap) {
+            params.load_mode = LLAMA_LOAD_MODE_NONE;  // otherwise keep llama.cpp's choice (auto)
+        }
         params.vocab_only   = vocab_only;
         params.kv_overrides = overrides.empty() ? nullptr : overrides.data();
         return llama_model_load_from_file(path, params);

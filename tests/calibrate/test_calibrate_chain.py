@@ -1,0 +1,137 @@
+"""Layer-by-layer capture of pre-RoPE K/V and the chained predictor fit on tiny random models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aquakv_gguf import quant
+from aquakv_gguf.calibrate import (CalibrationTextError, LayerwiseRunner, RowQuantizer, calibrate,
+                                   key_value_modules, make_sequences, recipe_for_hf_config)
+from aquakv_gguf.calibrate.ridge import fit_ridge
+from aquakv_gguf.reference.semantics import predict_keys, predict_values
+
+TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+        "must be in want of a wife. ") * 60
+
+
+def load(folder: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return (AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(str(folder)))
+
+
+def full_forward_kv(model, recipe, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """K/V of every layer from hooks during one ordinary forward: ``[(k, v)]``, each ``[B*T, C]``."""
+    got: dict[int, dict[str, torch.Tensor]] = {}
+    handles = []
+    for i, (km, vm) in enumerate(key_value_modules(model, recipe)):
+        for name, mod in (("k", km), ("v", vm)):
+            handles.append(mod.register_forward_hook(
+                lambda _m, _i, out, i=i, name=name: got.setdefault(i, {}).__setitem__(name, out)))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in handles:
+        h.remove()
+    c = lambda t: t.reshape(t.shape[0] * t.shape[1], -1)  # noqa: E731
+    return [(c(got[i]["k"]), c(got[i]["v"])) for i in range(len(got))]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_layerwise_capture_equals_an_ordinary_forward(tiny_hf_factory, arch: str) -> None:
+    model, _ = load(tiny_hf_factory(arch, n_layers=3))
+    recipe = recipe_for_hf_config(model.config)
+    ids = torch.randint(0, 1000, (5, 40), generator=torch.Generator().manual_seed(0))
+    want = full_forward_kv(model, recipe, ids)
+    runner = LayerwiseRunner(model, recipe, ids, batch_size=2)
+    for layer in range(3):
+        k, v = runner.next_layer()
+        torch.testing.assert_close(k, want[layer][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v, want[layer][1], rtol=1e-5, atol=1e-5)
+    if arch == "qwen3":
+        # The key module is k_norm: its output, not k_proj's, is what RoPE sees.
+        assert recipe.key.endswith("k_norm")
+
+
+def test_transformers_gguf_loader_returns_hugging_face_channel_order(tiny_llama_hf: Path, tiny_llama_gguf: Path) -> None:
+    """Calibrating through the GGUF path happens in Hugging Face order (the loader un-permutes Q/K)."""
+    from transformers import AutoModelForCausalLM
+
+    hf, _ = load(tiny_llama_hf)
+    gg = AutoModelForCausalLM.from_pretrained(str(tiny_llama_gguf.parent), gguf_file=tiny_llama_gguf.name,
+                                              dtype=torch.float32)
+    for name in ("model.layers.0.self_attn.k_proj.weight", "model.layers.1.self_attn.q_proj.weight"):
+        assert torch.equal(hf.get_parameter(name), gg.get_parameter(name)), name
+
+
+def test_sequences_split_and_errors(tiny_llama_hf: Path) -> None:
+    _, tok = load(tiny_llama_hf)
+    seqs = make_sequences(tok, TEXT, n_tokens=512, seq_len=64, heldout_fraction=0.25, seed=3)
+    assert seqs.input_ids.shape == (8, 64) and int(seqs.heldout.sum()) == 2
+    again = make_sequences(tok, TEXT, n_tokens=512, seq_len=64, heldout_fraction=0.25, seed=3)
+    assert torch.equal(seqs.heldout, again.heldout) and torch.equal(seqs.input_ids, again.input_ids)
+    with pytest.raises(CalibrationTextError, match="empty"):
+        make_sequences(tok, "  \n ", n_tokens=512, seq_len=64, heldout_fraction=0.25, seed=0)
+    with pytest.raises(CalibrationTextError, match="too short"):
+        make_sequences(tok, "Hello there.", n_tokens=512, seq_len=64, heldout_fraction=0.25, seed=0)
+    with pytest.raises(CalibrationTextError, match="too short"):
+        make_sequences(tok, TEXT, n_tokens=512, seq_len=64, heldout_fraction=0.25, seed=0, min_train_tokens=10**6)
+
+
+def test_chain_inputs_are_reconstructions(tiny_hf_factory) -> None:
+    """Refitting each layer from an independent re-implementation of the chain gives the same predictors."""
+    model, tok = load(tiny_hf_factory("llama", n_layers=3))
+    recipe = recipe_for_hf_config(model.config)
+    seqs = make_sequences(tok, TEXT * 3, n_tokens=2048, seq_len=128, heldout_fraction=0.25, seed=0)
+    res = calibrate(model, recipe, seqs.input_ids, seqs.heldout, bits=(2,), progress=False)
+    params = res.params[2]
+    assert params.channel_order == "hf" and params.predictors[0] is None
+    assert len(res.reports[2]) == 3 and res.reports[2][0].k_pred == 1.0
+    for r in res.reports[2][1:]:
+        assert 0 < r.k_pred < 1.5 and 0 < r.v_pred < 1.5 and 0 < r.k < r.k_pred
+        # Quantizing the residual of a useful prediction beats quantizing the keys themselves.
+        assert r.k < r.k_higgs and r.v < r.v_higgs
+
+    # Independent chain: original K/V from one ordinary forward, rows of sinks excluded from the fit.
+    kv = full_forward_kv(model, recipe, seqs.input_ids)
+    pos = torch.arange(128).repeat(seqs.input_ids.shape[0])
+    train = (pos >= 4) & ~seqs.heldout.repeat_interleave(128)
+    q0 = RowQuantizer(params.grid0, params.group_size)
+    q = RowQuantizer(params.grid, params.group_size)
+    k_prev, v_prev = q0(kv[0][0]), q0(kv[0][1])
+    for layer in (1, 2):
+        k, v = kv[layer]
+        pred = params.predictors[layer]
+        a_w, a_b = fit_ridge(k_prev[train], k[train], reg=recipe.reg)
+        np.testing.assert_allclose(a_w.half().float().numpy(), pred.k_weight, atol=2e-3, rtol=1e-2)
+        np.testing.assert_allclose(a_b.numpy(), pred.k_bias, atol=1e-3, rtol=1e-3)
+        t = {n: torch.from_numpy(getattr(pred, n)) for n in ("k_weight", "k_bias", "v_weight_k", "v_weight_v", "v_bias")}
+        p = predict_keys(k_prev, t["k_weight"], t["k_bias"])
+        k_hat = p + q(k - p)
+        b_w, b_b = fit_ridge(torch.cat([k_hat, v_prev], 1)[train], v[train], reg=recipe.reg)
+        np.testing.assert_allclose(b_w[:, :128].half().float().numpy(), pred.v_weight_k, atol=2e-3, rtol=1e-2)
+        np.testing.assert_allclose(b_w[:, 128:].half().float().numpy(), pred.v_weight_v, atol=2e-3, rtol=1e-2)
+        qv = predict_values(k_hat, v_prev, t["v_weight_k"], t["v_weight_v"], t["v_bias"])
+        v_hat = qv + q(v - qv)
+        k_prev, v_prev = k_hat, v_hat
+
+    # A chain fed the originals instead of the reconstructions would fit a different layer 1.
+    a_orig, _ = fit_ridge(kv[0][0][train], kv[1][0][train], reg=recipe.reg)
+    assert not np.allclose(a_orig.half().float().numpy(), params.predictors[1].k_weight, atol=2e-3, rtol=1e-2)
+
+
+def test_group_size_default_follows_the_quant_rule(tiny_llama_hf: Path) -> None:
+    model, tok = load(tiny_llama_hf)
+    recipe = recipe_for_hf_config(model.config)
+    seqs = make_sequences(tok, TEXT * 3, n_tokens=1024, seq_len=128, heldout_fraction=0.25, seed=0)
+    res = calibrate(model, recipe, seqs.input_ids, seqs.heldout, bits=(2, 3), progress=False)
+    assert set(res.params) == {2, 3}
+    assert res.params[2].group_size == quant.choose_group_size(128, 64) == 128
+    assert res.params[3].grid.shape == (64, 2) and res.params[3].grid0.shape == (256, 2)
+    # Layer 0 has no predictor and is the same for every bit width.
+    assert res.reports[2][0].k == res.reports[3][0].k
+    assert res.peak_rss_mib > 0 and res.train_tokens > 0 and res.heldout_tokens > 0

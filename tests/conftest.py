@@ -1,0 +1,71 @@
+"""Session-wide fixtures shared by every test folder: tiny random models and their GGUFs.
+
+The tiny models are built locally in seconds (random weights, SmolLM2's tokenizer) and
+converted with the pinned llama.cpp's convert_hf_to_gguf.py; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_hf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer random Llama (4 heads, 2 KV heads x 64: C = 128) as a Hugging Face folder."""
+    from aquakv_gguf.testing import build_tiny_hf_model
+
+    return build_tiny_hf_model(tmp_path_factory.mktemp("tiny_llama_hf") / "tiny-llama", arch="llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_gguf(tiny_llama_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_llama_hf`` converted to an f32 GGUF by the pinned convert_hf_to_gguf.py."""
+    from aquakv_gguf.testing import convert_hf_to_gguf
+
+    return convert_hf_to_gguf(tiny_llama_hf, tmp_path_factory.mktemp("tiny_llama_gguf") / "tiny-llama-f32.gguf",
+                              outtype="f32")
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_factory(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``make(arch="llama", n_layers=2, **kw) -> Path``: tiny Hugging Face folders, built once per arguments."""
+    from aquakv_gguf.testing import build_tiny_hf_model
+
+    built: dict[tuple[Any, ...], Path] = {}
+
+    def make(arch: str = "llama", n_layers: int = 2, **kw: Any) -> Path:
+        key = (arch, n_layers, tuple(sorted(kw.items())))
+        if key not in built:
+            folder = tmp_path_factory.mktemp(f"tiny_{arch}_{n_layers}") / f"tiny-{arch}"
+            built[key] = build_tiny_hf_model(folder, arch=arch, n_layers=n_layers, **kw)
+        return built[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def gguf_edit() -> Callable[..., Path]:
+    """``edit(src, dst, set_fields={key: value}, drop_tensors=(), truncate=None) -> dst``.
+
+    A copy of a GGUF with metadata values replaced (keeping their types), tensors left out, or
+    the file cut to ``truncate`` bytes: malformed inputs for error tests.
+    """
+    from aquakv_gguf.gguf_io.rawgguf import RawGGUF, pack_field, rewrite
+
+    def edit(src: Path, dst: Path, set_fields: dict[str, Any] | None = None, drop_tensors: tuple[str, ...] = (),
+             truncate: int | None = None) -> Path:
+        raw = RawGGUF(src)
+        replace = {}
+        for key, value in (set_fields or {}).items():
+            f = raw.fields[key]
+            replace[key] = pack_field(key, value, f.vtype, f.sub_type)
+        rewrite(raw, dst, replace_fields=replace, drop_tensors=drop_tensors)
+        if truncate is not None:
+            with open(dst, "r+b") as fh:
+                fh.truncate(truncate)
+        return dst
+
+    return edit

@@ -1,0 +1,188 @@
+"""aquakv.* GGUF writing/reading: byte-identical copy, exact read-back, validation errors, Q/K permutation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+
+from aquakv_gguf.gguf_io import (AquaKVFormatError, AquaKVParams, LayerPredictor, llama_cpp_key_permutation,
+                                 read_aqua_gguf, write_aqua_gguf)
+from aquakv_gguf.gguf_io import names
+from aquakv_gguf.gguf_io.rawgguf import RawGGUF
+
+N_LAYERS, N_KV, HEAD_DIM = 2, 2, 64  # the tiny_llama fixture
+C = N_KV * HEAD_DIM
+
+
+def random_params(seed: int = 0, n_layers: int = N_LAYERS, order: str = "llama.cpp") -> AquaKVParams:
+    rng = np.random.default_rng(seed)
+
+    def layer() -> LayerPredictor:
+        return LayerPredictor(*(rng.standard_normal(s).astype(np.float32) * 0.1
+                                for s in [(C, C), (C,), (C, C), (C, C), (C,)]))
+
+    return AquaKVParams(grid=rng.standard_normal((16, 2)).astype(np.float32),
+                        grid0=rng.standard_normal((256, 2)).astype(np.float32), group_size=64, prefix_tokens=4,
+                        recent_tokens=128, n_layers=n_layers, n_kv_heads=N_KV, head_dim=HEAD_DIM,
+                        predictors=[None] + [layer() for _ in range(n_layers - 1)], channel_order=order,
+                        calibration={"text": "unit test", "tokens": 1234, "seed": 7,
+                                     "k_pred_relmse": [1.0, 0.25], "v_pred_relmse": [1.0, 0.5]})
+
+
+@pytest.fixture(scope="module")
+def aqua_file(tiny_llama_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, AquaKVParams]:
+    params = random_params()
+    out = tmp_path_factory.mktemp("aqua") / "tiny.aqua.gguf"
+    write_aqua_gguf(tiny_llama_gguf, out, params, progress=False)
+    return out, params
+
+
+@pytest.fixture(scope="module")
+def readers(tiny_llama_gguf: Path, aqua_file) -> tuple[GGUFReader, GGUFReader]:
+    """gguf-py's own reader (independent of ours) on the input and on the written file."""
+    return GGUFReader(tiny_llama_gguf), GGUFReader(aqua_file[0])
+
+
+def test_original_tensors_and_metadata_are_copied_byte_identically(readers) -> None:
+    src, dst = readers
+    dst_tensors = {t.name: t for t in dst.tensors}
+    for t in src.tensors:
+        d = dst_tensors[t.name]
+        assert d.tensor_type == t.tensor_type and d.shape.tolist() == t.shape.tolist()
+        assert np.asarray(d.data).tobytes() == np.asarray(t.data).tobytes(), t.name
+    for name, field in src.fields.items():
+        if name.startswith("GGUF."):
+            continue
+        got = dst.fields[name]
+        assert got.types == field.types, name
+        assert got.contents() == field.contents(), name
+        assert all(np.asarray(a).tobytes() == np.asarray(b).tobytes()
+                   for a, b in zip(got.parts[-len(field.data):], field.parts[-len(field.data):])), name
+    extra = set(dst_tensors) - {t.name for t in src.tensors}
+    assert all(names.is_aquakv_tensor(n) for n in extra) and len(extra) == 2 + 5 * (N_LAYERS - 1)
+
+
+def test_aquakv_tensors_read_back_exactly(aqua_file) -> None:
+    out, params = aqua_file
+    back = read_aqua_gguf(out)
+    assert back.channel_order == "llama.cpp"
+    np.testing.assert_array_equal(back.grid, params.grid)
+    np.testing.assert_array_equal(back.grid0, params.grid0)
+    assert (back.group_size, back.prefix_tokens, back.recent_tokens) == (64, 4, 128)
+    assert back.predictors[0] is None
+    for name, arr in back.predictors[1].arrays().items():
+        want = getattr(params.predictors[1], name)
+        # Weights are stored f16, biases f32.
+        expected = want.astype(np.float16) if name in names.WEIGHT_FIELDS else want
+        assert arr.dtype == expected.dtype
+        np.testing.assert_array_equal(arr, expected)
+    assert back.calibration["text"] == "unit test" and back.calibration["tokens"] == 1234
+    np.testing.assert_allclose(back.calibration["k_pred_relmse"], [1.0, 0.25])
+
+
+def test_gguf_orientation_is_cin_fastest(aqua_file, readers) -> None:
+    _, params = aqua_file
+    reader = readers[1]
+    t = next(t for t in reader.tensors if t.name == "blk.1.aquakv_k_pred.weight")
+    # ne0 (fastest) = C_in; the numpy view is [C_out, C_in] and p = W @ x + b.
+    assert t.shape.tolist() == [C, C]
+    w = np.asarray(t.data)
+    np.testing.assert_array_equal(w, params.predictors[1].k_weight.astype(np.float16))
+    g = next(t for t in reader.tensors if t.name == "aquakv.grid")
+    assert g.shape.tolist() == [2, 16]  # ne = [dim, n_points]: numpy [n_points, dim]
+
+
+def test_metadata_keys_are_exact(readers) -> None:
+    fields = readers[1].fields
+    for key, value in [("aquakv.version", 1), ("aquakv.grid.dim", 2), ("aquakv.grid.size", 16),
+                       ("aquakv.grid0.size", 256), ("aquakv.group_size", 64), ("aquakv.prefix_tokens", 4),
+                       ("aquakv.recent_tokens", 128)]:
+        assert fields[key].contents() == value, key
+    assert fields["aquakv.calibration.text"].contents() == "unit test"
+
+
+def test_permutation_matches_convert_hf_to_gguf(tiny_llama_hf: Path, tiny_llama_gguf: Path) -> None:
+    """llama.cpp's attn_k rows are the Hugging Face k_proj rows taken in ``perm`` order."""
+    from safetensors.numpy import load_file
+
+    hf = load_file(str(tiny_llama_hf / "model.safetensors"))
+    k_hf = hf["model.layers.0.self_attn.k_proj.weight"]
+    raw = RawGGUF(tiny_llama_gguf)
+    k_gguf = raw.tensor_array(raw.tensor("blk.0.attn_k.weight"))
+    perm = llama_cpp_key_permutation(N_KV, HEAD_DIM)
+    np.testing.assert_array_equal(k_gguf, k_hf[perm])
+    assert not np.array_equal(k_gguf, k_hf)
+
+
+def test_permuted_predictors_commute_with_the_channel_permutation() -> None:
+    """A' (P k) + a' = P (A k + a) and B_K' (P k) = B_K k for any key vector k."""
+    params = random_params(order="hf")
+    perm = llama_cpp_key_permutation(N_KV, HEAD_DIM)
+    lp = params.with_channel_order("llama.cpp", permutes_qk=True)
+    rng = np.random.default_rng(1)
+    k, v = rng.standard_normal(C).astype(np.float64), rng.standard_normal(C).astype(np.float64)
+    a, b = params.predictors[1], lp.predictors[1]
+    np.testing.assert_allclose(b.k_weight @ k[perm] + b.k_bias, (a.k_weight @ k + a.k_bias)[perm], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(b.v_weight_k @ k[perm] + b.v_weight_v @ v + b.v_bias,
+                               a.v_weight_k @ k + a.v_weight_v @ v + a.v_bias, rtol=1e-5, atol=1e-5)
+    back = lp.with_channel_order("hf", permutes_qk=True)
+    for name, arr in back.predictors[1].arrays().items():
+        np.testing.assert_array_equal(arr, getattr(a, name))
+    same = params.with_channel_order("llama.cpp", permutes_qk=False)
+    np.testing.assert_array_equal(same.predictors[1].k_weight, a.k_weight)
+
+
+def test_writer_refuses_hf_order_and_its_own_input(tiny_llama_gguf: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="llama.cpp channel order"):
+        write_aqua_gguf(tiny_llama_gguf, tmp_path / "x.gguf", random_params(order="hf"), progress=False)
+    with pytest.raises(AquaKVFormatError, match="overwrite the input"):
+        write_aqua_gguf(tiny_llama_gguf, tiny_llama_gguf, random_params(), progress=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_writer_refuses_an_already_converted_file(aqua_file, tmp_path: Path) -> None:
+    out, params = aqua_file
+    with pytest.raises(AquaKVFormatError, match="already carries aquakv"):
+        write_aqua_gguf(out, tmp_path / "again.gguf", params, progress=False)
+    assert not (tmp_path / "again.gguf").exists()
+
+
+def test_reader_errors(aqua_file, tiny_llama_gguf: Path, tmp_path: Path, gguf_edit) -> None:
+    out, _ = aqua_file
+    with pytest.raises(AquaKVFormatError, match="no such file"):
+        read_aqua_gguf(tmp_path / "missing.gguf")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf at all" * 10)
+    with pytest.raises(AquaKVFormatError, match="not a readable GGUF"):
+        read_aqua_gguf(junk)
+    size = out.stat().st_size
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(out.read_bytes()[: size - 1000])
+    with pytest.raises(AquaKVFormatError, match="truncated|not a readable"):
+        read_aqua_gguf(cut)
+    head = tmp_path / "head.gguf"
+    head.write_bytes(out.read_bytes()[:100])
+    with pytest.raises(AquaKVFormatError):
+        read_aqua_gguf(head)
+    with pytest.raises(AquaKVFormatError, match="no aquakv"):
+        read_aqua_gguf(tiny_llama_gguf)
+    with pytest.raises(AquaKVFormatError, match="missing tensor blk.1.aquakv_v_pred_v.weight"):
+        read_aqua_gguf(gguf_edit(out, tmp_path / "drop.gguf", drop_tensors=("blk.1.aquakv_v_pred_v.weight",)))
+    with pytest.raises(AquaKVFormatError, match="aquakv.grid has shape"):
+        read_aqua_gguf(gguf_edit(out, tmp_path / "grid.gguf", set_fields={"aquakv.grid.size": 64}))
+    with pytest.raises(AquaKVFormatError, match="blk.0.attn_k.weight has GGUF shape"):
+        read_aqua_gguf(gguf_edit(out, tmp_path / "kv.gguf", set_fields={"llama.attention.head_count_kv": 4}))
+    with pytest.raises(AquaKVFormatError, match="missing tensor blk.2.aquakv_k_pred.weight"):
+        read_aqua_gguf(gguf_edit(out, tmp_path / "layers.gguf", set_fields={"llama.block_count": 3}))
+    with pytest.raises(AquaKVFormatError, match="group_size"):
+        read_aqua_gguf(gguf_edit(out, tmp_path / "group.gguf", set_fields={"aquakv.group_size": 48}))
+    with pytest.raises(AquaKVFormatError, match="version"):
+        read_aqua_gguf(gguf_edit(out, tmp_path / "ver.gguf", set_fields={"aquakv.version": 99}))
+
+
+def test_predictor_size_accounting() -> None:
+    params = random_params()
+    assert params.predictor_bytes() == (N_LAYERS - 1) * (3 * C * C * 2 + 2 * C * 4)

@@ -1,0 +1,148 @@
+"""The torch AQUA-KV reference cache: exact pass-through, token policy, chained reconstruction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from aquakv_gguf.calibrate import RowQuantizer, calibrate, key_value_modules, make_sequences, recipe_for_hf_config
+from aquakv_gguf.eval.reference_eval import stepwise_logits
+from aquakv_gguf.reference import AquaKVCache, bits_per_value, quantized_end
+from aquakv_gguf.reference.semantics import predict_keys, predict_values
+
+TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+        "must be in want of a wife. However little known the feelings or views of such a man may be. ") * 40
+
+
+def load(folder: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return (AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval(),
+            AutoTokenizer.from_pretrained(str(folder)))
+
+
+def ids_of(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 2000, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_hf_factory):
+    """A 3-layer tiny Llama and AQUA-KV 2-bit params calibrated on it (Hugging Face order)."""
+    model, tok = load(tiny_hf_factory("llama", n_layers=3))
+    recipe = recipe_for_hf_config(model.config)
+    seqs = make_sequences(tok, TEXT, n_tokens=2048, seq_len=256, heldout_fraction=0.25, seed=0)
+    res = calibrate(model, recipe, seqs.input_ids, seqs.heldout, bits=(2,), progress=False)
+    return model, res.params[2]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_quantization_off_reproduces_plain_transformers(tiny_hf_factory, arch: str) -> None:
+    """32-token steps through the pre-RoPE cache give the logits of one plain pass."""
+    model, _ = load(tiny_hf_factory(arch, n_layers=2))
+    ids = ids_of(200)
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+    got = stepwise_logits(model, ids, AquaKVCache(model, mode="off"), step=32)
+    torch.testing.assert_close(got, plain, rtol=1e-4, atol=1e-4)
+    f16 = stepwise_logits(model, ids, AquaKVCache(model, mode="f16"), step=32)
+    assert 0 < (f16 - plain).abs().max().item() < 5e-2
+
+
+def test_token_policy() -> None:
+    assert [quantized_end(n, 4, 128) for n in (0, 3, 4, 100, 131, 132, 133, 259, 260, 300)] == \
+        [4, 4, 4, 4, 4, 132, 132, 132, 260, 260]
+
+
+def test_sinks_and_window_stay_f16_and_chunks_are_quantized(calibrated) -> None:
+    model, params = calibrated
+    cache = AquaKVCache(model, mode="aqua", params=params)
+    stepwise_logits(model, ids_of(300), cache, step=32)
+    raw_k = {}
+    for layer in cache.layers:
+        assert layer.q_end == 260 and layer.n_tokens == 300 and layer.raw_k.shape[1] == 40
+        raw_k[layer.layer_idx] = layer.raw_k
+        # The window holds the exact values rounded to f16.
+        assert torch.equal(layer.k_hat[:, 260:], layer.raw_k.half().float())
+        assert torch.equal(layer.k_hat[:, :4], layer.k_hat[:, :4].half().float())
+    assert cache.get_seq_length() == 300
+
+
+def test_layer0_reconstruction_does_not_depend_on_step_size(calibrated) -> None:
+    model, params = calibrated
+    ids = ids_of(300, seed=1)
+    states = []
+    for step in (300, 32, 7):
+        cache = AquaKVCache(model, mode="aqua", params=params)
+        stepwise_logits(model, ids, cache, step=step)
+        states.append(cache.layers[0])
+    for other in states[1:]:
+        assert other.q_end == states[0].q_end
+        # Layer 0's keys do not depend on attention, so only the batching differs: BLAS may
+        # round k_proj's output differently per batch shape, which can move an f16 window value by
+        # one ulp (or, very rarely, a quantized pair across a cell boundary).
+        for name in ("k_hat", "v_hat"):
+            a, b = getattr(other, name)[0], getattr(states[0], name)[0]
+            torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-3)
+            same_rows = torch.isclose(a[4:260], b[4:260], rtol=1e-5, atol=1e-5).all(dim=1)
+            assert same_rows.float().mean().item() > 0.99
+
+
+def test_reconstruction_follows_the_chain(calibrated) -> None:
+    """k̂_l = p + Q(k_l − p) with p from the *previous layer's reconstruction*, as in calibration."""
+    model, params = calibrated
+    recipe = recipe_for_hf_config(model.config)
+    raw: dict[int, dict[str, torch.Tensor]] = {}
+    handles = []
+    for i, (km, vm) in enumerate(key_value_modules(model, recipe)):
+        for name, mod in (("k", km), ("v", vm)):
+            handles.append(mod.register_forward_hook(
+                lambda _m, _i, out, i=i, name=name: raw.setdefault(i, {}).__setitem__(name, out.reshape(1, out.shape[1], -1))))
+    cache = AquaKVCache(model, mode="aqua", params=params)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids_of(140, seed=2), cache=cache, use_cache=True)
+    finally:
+        for h in handles:
+            h.remove()
+    rows = slice(4, 132)
+    q0, q = RowQuantizer(params.grid0, params.group_size), RowQuantizer(params.grid, params.group_size)
+    k_prev, v_prev = q0(raw[0]["k"][:, rows]), q0(raw[0]["v"][:, rows])
+    torch.testing.assert_close(cache.layers[0].k_hat[:, rows], k_prev)
+    for layer in (1, 2):
+        t = {n: torch.from_numpy(a) for n, a in params.predictors[layer].arrays().items()}
+        p = predict_keys(k_prev, t["k_weight"], t["k_bias"])
+        k_hat = p + q(raw[layer]["k"][:, rows] - p)
+        qv = predict_values(k_hat, v_prev, t["v_weight_k"], t["v_weight_v"], t["v_bias"])
+        v_hat = qv + q(raw[layer]["v"][:, rows] - qv)
+        torch.testing.assert_close(cache.layers[layer].k_hat[:, rows], k_hat, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(cache.layers[layer].v_hat[:, rows], v_hat, rtol=1e-4, atol=1e-4)
+        k_prev, v_prev = k_hat, v_hat
+
+
+def test_params_in_llama_cpp_order_give_the_same_cache(calibrated) -> None:
+    model, params = calibrated
+    ids = ids_of(200, seed=4)
+    a = stepwise_logits(model, ids, AquaKVCache(model, mode="aqua", params=params), step=32)
+    lp = params.with_channel_order("llama.cpp", permutes_qk=True)
+    b = stepwise_logits(model, ids, AquaKVCache(model, mode="aqua", params=lp), step=32)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="mode"):
+        AquaKVCache(torch.nn.Linear(1, 1), mode="bogus")  # type: ignore[arg-type]
+
+
+def test_bits_per_value_accounting() -> None:
+    common = dict(n_layers=30, n_channels=192, prefix_tokens=4, recent_tokens=128)
+    assert bits_per_value(8192, group_size=192, n_points=0, n_points0=None, **common) == 16.0
+    # 8192 tokens: 8064 quantized, 128 in f16 (4 sinks + 124 recent); 2-bit codes + 3 f16 scales.
+    q = 96 * 4 + 3 * 16
+    q0 = 96 * 8 + 3 * 16
+    f16 = 192 * 16
+    want = (29 * (8064 * q + 128 * f16) + (8064 * q0 + 128 * f16)) / (30 * 192 * 8192)
+    got = bits_per_value(8192, group_size=64, n_points=16, n_points0=256, **common)
+    assert got == pytest.approx(want)
+    assert 2.25 < got < 2.8
