@@ -36,9 +36,17 @@ if [[ $step == test || $step == all ]]; then
     cat .gpu_model/smollm2.part* > "$dest/SmolLM2-135M-Instruct.Q4_1.gguf"
     cp .gpu_model/austen/* "$AQUAKV_CACHE_DIR/austen/"
     sha256sum "$dest/SmolLM2-135M-Instruct.Q4_1.gguf"
+    # SmolLM2's tokenizer as transformers 5.24 saves it (older transformers there drop its
+    # byte tokens when re-saving); the tiny test models take theirs from here
+    tfver=$(python3 -c "import transformers; print(transformers.__version__)")
+    mkdir -p "$AQUAKV_CACHE_DIR/tokenizers" && cp -r .gpu_model/tokenizer "$AQUAKV_CACHE_DIR/tokenizers/smollm2-v1-tf$tfver"
     export AQUAKV_TEST_N_GPU_LAYERS=99
-    cd /tmp && python3 -m pytest -q -p no:cacheprovider -o addopts="" --rootdir "$OLDPWD" \
-        "$OLDPWD/tests/runtime" "$OLDPWD/tests/eval/test_native_perplexity.py" "$OLDPWD/tests/cli" -s \
-        2>&1 | tee "$OUT/gpu-tests.log"
-    exit "${PIPESTATUS[0]}"
+    shift || true
+    tests=("$@")
+    [[ ${#tests[@]} -gt 0 ]] || tests=(tests/runtime tests/eval/test_native_perplexity.py tests/cli)
+    start=$(date +%s)
+    python3 -m pytest -q -s -p no:cacheprovider "${tests[@]}" 2>&1 | tee "$OUT/gpu-tests.log"
+    rc=${PIPESTATUS[0]}
+    echo "tests rc=$rc in $(( $(date +%s) - start ))s" | tee -a "$OUT/gpu-tests.log"
+    exit $rc
 fi

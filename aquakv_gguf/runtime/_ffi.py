@@ -7,6 +7,9 @@ change of their layout cannot corrupt memory here.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import os
 import threading
 
 import cffi
@@ -38,6 +41,12 @@ struct llama_context * aquakv_context_new(struct llama_model * model, uint32_t n
                                           uint32_t n_ubatch, uint32_t n_seq_max, int32_t n_threads,
                                           int32_t type_k, int32_t type_v, int32_t flash_attn,
                                           bool kv_unified, bool offload_kqv);
+int32_t aquakv_tokenize(const struct llama_vocab * vocab, const char * text, int32_t text_len,
+                        llama_token * tokens, int32_t n_tokens_max, bool add_special, bool parse_special);
+int32_t aquakv_token_to_piece(const struct llama_vocab * vocab, llama_token token, char * buf, int32_t length,
+                              bool special);
+int32_t aquakv_detokenize(const struct llama_vocab * vocab, const llama_token * tokens, int32_t n_tokens,
+                          char * text, int32_t text_len_max, bool remove_special, bool unparse_special);
 int32_t aquakv_decode(struct llama_context * ctx, const llama_token * tokens, const llama_pos * pos,
                       const llama_seq_id * seq_ids, const int8_t * want_logits, int32_t n_tokens);
 
@@ -62,12 +71,6 @@ llama_token llama_vocab_bos(const struct llama_vocab * vocab);
 llama_token llama_vocab_eos(const struct llama_vocab * vocab);
 bool llama_vocab_is_eog(const struct llama_vocab * vocab, llama_token token);
 bool llama_vocab_get_add_bos(const struct llama_vocab * vocab);
-int32_t llama_tokenize(const struct llama_vocab * vocab, const char * text, int32_t text_len,
-                       llama_token * tokens, int32_t n_tokens_max, bool add_special, bool parse_special);
-int32_t llama_token_to_piece(const struct llama_vocab * vocab, llama_token token, char * buf,
-                             int32_t length, int32_t lstrip, bool special);
-int32_t llama_detokenize(const struct llama_vocab * vocab, const llama_token * tokens, int32_t n_tokens,
-                         char * text, int32_t text_len_max, bool remove_special, bool unparse_special);
 
 uint32_t llama_n_ctx(const struct llama_context * ctx);
 uint32_t llama_n_batch(const struct llama_context * ctx);
@@ -94,6 +97,8 @@ size_t llama_state_seq_get_data(struct llama_context * ctx, uint8_t * dst, size_
 size_t llama_state_seq_set_data(struct llama_context * ctx, const uint8_t * src, size_t size, llama_seq_id dest_seq_id);
 """
 
+AQUAKV_ERR_EXCEPTION = -(2**31)  # aquakv-capi.h: an exception was caught inside llama.cpp
+
 ffi = cffi.FFI()
 ffi.cdef(CDEF)
 
@@ -101,11 +106,29 @@ _lock = threading.Lock()
 _lib = None
 
 
+def _preload_cxx_runtime() -> None:
+    """Put the system C++ runtime in the global symbol scope before libllama is opened.
+
+    A llama.cpp executable links libstdc++ itself, so every library it loads binds the C++
+    runtime's symbols there. A Python process does not: without this, libllama's std::regex
+    (used by the tokenizer) can bind locale-facet symbols that libggml-cuda.so also exports,
+    and crashes while loading a model (seen with the CUDA build).
+    """
+    if os.name != "posix":
+        return
+    name = ctypes.util.find_library("stdc++") or "libstdc++.so.6"
+    try:
+        ctypes.CDLL(name, mode=os.RTLD_GLOBAL)
+    except OSError:
+        pass  # not a GNU toolchain build: nothing to preload
+
+
 def lib():
     """The loaded libllama (loaded, backend-initialised and log-captured once per process)."""
     global _lib
     with _lock:
         if _lib is None:
+            _preload_cxx_runtime()
             handle = ffi.dlopen(str(libllama_path()))
             handle.aquakv_log_capture(-1)
             handle.llama_backend_init()

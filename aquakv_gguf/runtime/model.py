@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aquakv_gguf.runtime._ffi import ffi, lib
+from aquakv_gguf.runtime._ffi import AQUAKV_ERR_EXCEPTION, ffi, lib
 from aquakv_gguf.runtime.errors import LlamaError
 
 if TYPE_CHECKING:
@@ -162,6 +162,11 @@ class Model:
         return keys
 
     # -- vocabulary -------------------------------------------------------------------
+    @staticmethod
+    def _check(n: int, what: str) -> None:
+        if n == AQUAKV_ERR_EXCEPTION:
+            raise LlamaError(f"llama.cpp failed to {what} with this model's vocabulary", log_tail())
+
     def _vocab_handle(self):
         self.handle  # raises when closed
         return self._vocab
@@ -187,8 +192,9 @@ class Model:
         cap = len(data) + 16
         while True:
             out = ffi.new("llama_token[]", cap)
-            n = self._lib.llama_tokenize(self._vocab_handle(), data, len(data), out, cap, add_special,
-                                         parse_special)
+            n = self._lib.aquakv_tokenize(self._vocab_handle(), data, len(data), out, cap, add_special,
+                                          parse_special)
+            self._check(n, "tokenize")
             if n >= 0:
                 return list(out[0:n])
             if -n <= cap:
@@ -200,7 +206,8 @@ class Model:
         size = 64
         while True:
             buf = ffi.new("char[]", size)
-            n = self._lib.llama_token_to_piece(self._vocab_handle(), token, buf, size, 0, special)
+            n = self._lib.aquakv_token_to_piece(self._vocab_handle(), token, buf, size, special)
+            self._check(n, "token_to_piece")
             if n >= 0:
                 return ffi.unpack(buf, n)
             size = -n
@@ -211,8 +218,9 @@ class Model:
         size = max(64, 8 * len(tokens))
         while True:
             buf = ffi.new("char[]", size)
-            n = self._lib.llama_detokenize(self._vocab_handle(), arr, len(tokens), buf, size,
-                                           remove_special, unparse_special)
+            n = self._lib.aquakv_detokenize(self._vocab_handle(), arr, len(tokens), buf, size,
+                                            remove_special, unparse_special)
+            self._check(n, "detokenize")
             if n >= 0:
                 return ffi.unpack(buf, n).decode("utf-8", errors="replace")
             size = -n

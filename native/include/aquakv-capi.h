@@ -46,6 +46,19 @@ LLAMA_API int32_t aquakv_decode(
         struct llama_context * ctx, const llama_token * tokens, const llama_pos * pos,
         const llama_seq_id * seq_ids, const int8_t * want_logits, int32_t n_tokens);
 
+// llama_tokenize / llama_token_to_piece / llama_detokenize with the same contract, except
+// that an exception thrown inside llama.cpp (e.g. a vocabulary without byte tokens) is
+// logged and reported as AQUAKV_ERR_EXCEPTION instead of terminating the process.
+#define AQUAKV_ERR_EXCEPTION INT32_MIN
+LLAMA_API int32_t aquakv_tokenize(
+        const struct llama_vocab * vocab, const char * text, int32_t text_len, llama_token * tokens,
+        int32_t n_tokens_max, bool add_special, bool parse_special);
+LLAMA_API int32_t aquakv_token_to_piece(
+        const struct llama_vocab * vocab, llama_token token, char * buf, int32_t length, bool special);
+LLAMA_API int32_t aquakv_detokenize(
+        const struct llama_vocab * vocab, const llama_token * tokens, int32_t n_tokens, char * text,
+        int32_t text_len_max, bool remove_special, bool unparse_special);
+
 #ifdef __cplusplus
 }
 #endif

@@ -254,3 +254,35 @@ int32_t aquakv_decode(
     llama_batch_free(batch);
     return ret;
 }
+
+int32_t aquakv_tokenize(
+        const struct llama_vocab * vocab, const char * text, int32_t text_len, llama_token * tokens,
+        int32_t n_tokens_max, bool add_special, bool parse_special) {
+    try {
+        return llama_tokenize(vocab, text, text_len, tokens, n_tokens_max, add_special, parse_special);
+    } catch (const std::exception & e) {
+        aquakv_log_error(std::string("aquakv: tokenize failed: ") + e.what());
+        return AQUAKV_ERR_EXCEPTION;
+    }
+}
+
+int32_t aquakv_token_to_piece(
+        const struct llama_vocab * vocab, llama_token token, char * buf, int32_t length, bool special) {
+    try {
+        return llama_token_to_piece(vocab, token, buf, length, 0, special);
+    } catch (const std::exception & e) {
+        aquakv_log_error(std::string("aquakv: token_to_piece failed: ") + e.what());
+        return AQUAKV_ERR_EXCEPTION;
+    }
+}
+
+int32_t aquakv_detokenize(
+        const struct llama_vocab * vocab, const llama_token * tokens, int32_t n_tokens, char * text,
+        int32_t text_len_max, bool remove_special, bool unparse_special) {
+    try {
+        return llama_detokenize(vocab, tokens, n_tokens, text, text_len_max, remove_special, unparse_special);
+    } catch (const std::exception & e) {
+        aquakv_log_error(std::string("aquakv: detokenize failed: ") + e.what());
+        return AQUAKV_ERR_EXCEPTION;
+    }
+}

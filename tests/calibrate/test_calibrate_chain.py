@@ -57,17 +57,6 @@ def test_layerwise_capture_equals_an_ordinary_forward(tiny_hf_factory, arch: str
         assert recipe.key.endswith("k_norm")
 
 
-def test_transformers_gguf_loader_returns_hugging_face_channel_order(tiny_llama_hf: Path, tiny_llama_gguf: Path) -> None:
-    """Calibrating through the GGUF path happens in Hugging Face order (the loader un-permutes Q/K)."""
-    from transformers import AutoModelForCausalLM
-
-    hf, _ = load(tiny_llama_hf)
-    gg = AutoModelForCausalLM.from_pretrained(str(tiny_llama_gguf.parent), gguf_file=tiny_llama_gguf.name,
-                                              dtype=torch.float32)
-    for name in ("model.layers.0.self_attn.k_proj.weight", "model.layers.1.self_attn.q_proj.weight"):
-        assert torch.equal(hf.get_parameter(name), gg.get_parameter(name)), name
-
-
 def test_sequences_split_and_errors(tiny_llama_hf: Path) -> None:
     _, tok = load(tiny_llama_hf)
     seqs = make_sequences(tok, TEXT, n_tokens=512, seq_len=64, heldout_fraction=0.25, seed=3)

@@ -15,7 +15,7 @@ def test_nearest_point_search_is_exactly_the_exhaustive_argmax(n_points: int) ->
     grid = quant.gaussian_grid(n_points)
     fast, ref = RowQuantizer(grid, 64), quant.HiggsQuantizer(grid, 64)
     g = torch.Generator().manual_seed(n_points)
-    gt = torch.from_numpy(grid)
+    gt = torch.from_numpy(grid.copy())
     i, j = torch.randint(0, n_points, (20000,), generator=g), torch.randint(0, n_points, (20000,), generator=g)
     y = torch.cat([
         torch.randn(100000, 2, generator=g) * 1.5,

@@ -99,10 +99,16 @@ def test_hf_input_matches_the_gguf_path(tiny_llama_hf: Path, tiny_llama_gguf: Pa
     assert rc == 0, capsys.readouterr().err
     assert "wrote" in capsys.readouterr().out
     assert_original_part_identical(tiny_llama_gguf, out)
+    # transformers' GGUF loader undoes llama.cpp's Q/K permutation, so the GGUF path calibrates in
+    # Hugging Face order like the folder path; both then permute once.  Were either path off by a
+    # permutation, the key predictors would not match.
     hf, gg = read_aqua_gguf(out), read_aqua_gguf(from_gguf[1])
     for layer in range(1, hf.n_layers):
-        np.testing.assert_allclose(hf.predictors[layer].k_weight.astype(np.float32),
-                                   gg.predictors[layer].k_weight.astype(np.float32), atol=2e-3)
+        for name, arr in hf.predictors[layer].arrays().items():
+            np.testing.assert_allclose(arr.astype(np.float32), getattr(gg.predictors[layer], name).astype(np.float32),
+                                       atol=2e-3, err_msg=name)
+    twice = gg.with_channel_order("hf", permutes_qk=True).predictors[1].k_weight.astype(np.float32)
+    assert not np.allclose(hf.predictors[1].k_weight.astype(np.float32), twice, atol=2e-3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf.aqua.gguf"]
 
 

@@ -55,11 +55,16 @@ def test_perplexity_matches_transformers(smollm2_path, eval_tokens):
 
 
 def test_stepped_feeding_matches_one_pass(smollm2_path, eval_tokens):
-    """32-token steps read the cache; the result equals one pass up to f16 cache rounding."""
+    """32-token steps read the cache; the result equals one pass up to rounding.
+
+    On the CPU only the f16 cache rounding differs (< 0.2%); on CUDA the kernels also
+    change with the batch size (quantized-activation mat-vec for small batches), measured
+    0.4% on an H200.
+    """
     with Model(smollm2_path, n_gpu_layers=NGL) as model, model.context(n_ctx=WINDOW, n_batch=WINDOW) as ctx:
         one = perplexity(ctx, eval_tokens, window=256, n_windows=2, progress=False)
         stepped = perplexity(ctx, eval_tokens, window=256, n_windows=2, step=32, progress=False)
-    assert abs(stepped.perplexity / one.perplexity - 1) < 2e-3
+    assert abs(stepped.perplexity / one.perplexity - 1) < (2e-3 if NGL == 0 else 6e-3)
 
 
 def test_windows_too_short():

@@ -71,9 +71,9 @@ def test_sinks_and_window_stay_f16_and_chunks_are_quantized(calibrated) -> None:
 
 def test_layer0_reconstruction_does_not_depend_on_step_size(calibrated) -> None:
     model, params = calibrated
-    ids = ids_of(300, seed=1)
+    ids = ids_of(160, seed=1)
     states = []
-    for step in (300, 32, 7):
+    for step in (160, 32, 13):
         cache = AquaKVCache(model, mode="aqua", params=params)
         stepwise_logits(model, ids, cache, step=step)
         states.append(cache.layers[0])
@@ -85,7 +85,7 @@ def test_layer0_reconstruction_does_not_depend_on_step_size(calibrated) -> None:
         for name in ("k_hat", "v_hat"):
             a, b = getattr(other, name)[0], getattr(states[0], name)[0]
             torch.testing.assert_close(a, b, rtol=2e-3, atol=1e-3)
-            same_rows = torch.isclose(a[4:260], b[4:260], rtol=1e-5, atol=1e-5).all(dim=1)
+            same_rows = torch.isclose(a[4:132], b[4:132], rtol=1e-5, atol=1e-5).all(dim=1)
             assert same_rows.float().mean().item() > 0.99
 
 
