@@ -3,6 +3,9 @@ SHELL := /bin/bash
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip --disable-pip-version-check
 export CCACHE_DIR ?= $(HOME)/.cache/ccache
+# paths relative to the checkout, so another clone (CI) reuses the same cache entries
+export CCACHE_BASEDIR ?= $(CURDIR)
+export CCACHE_NOHASHDIR ?= 1
 export PIP_ROOT_USER_ACTION := ignore
 
 .PHONY: deps build demo test test-fast clean
