@@ -138,10 +138,10 @@ def main() -> int:
 
     r = results
     f16_ppl = r["f16"].perplexity
-    checks = {
-        "AQUA-KV 2-bit KLD <= 1/5 of HIGGS 2-bit": r["AQUA-KV 2-bit"].kld <= r["HIGGS 2-bit"].kld / 5,
-        "AQUA-KV 2-bit perplexity within +1% of f16": r["AQUA-KV 2-bit"].perplexity <= 1.01 * f16_ppl,
-        "AQUA-KV 3-bit KLD <= 1/5 of HIGGS 3-bit": r["AQUA-KV 3-bit"].kld <= r["HIGGS 3-bit"].kld / 5,
+    checks: dict[str, bool] = {
+        "AQUA-KV 2-bit KLD <= 1/5 of HIGGS 2-bit": bool(r["AQUA-KV 2-bit"].kld <= r["HIGGS 2-bit"].kld / 5),
+        "AQUA-KV 2-bit perplexity within +1% of f16": bool(r["AQUA-KV 2-bit"].perplexity <= 1.01 * f16_ppl),
+        "AQUA-KV 3-bit KLD <= 1/5 of HIGGS 3-bit": bool(r["AQUA-KV 3-bit"].kld <= r["HIGGS 3-bit"].kld / 5),
         "conversion <= 10 min (each bit width)": all(c["wall_s"] <= 600 for c in conversions.values()),
     }
     for name, ok in checks.items():

@@ -12,6 +12,7 @@ import numpy as np
 
 from aquakv_gguf.runtime._ffi import ffi
 from aquakv_gguf.runtime.errors import ContextFullError, LlamaError
+from aquakv_gguf.runtime.handle import NativeHandle
 from aquakv_gguf.runtime.model import Model, log_tail
 from aquakv_gguf.runtime.sampling import Sampler, SamplingParams
 
@@ -37,13 +38,15 @@ class GenerationStep:
     pos: int
 
 
-class Context:
+class Context(NativeHandle):
     """A llama.cpp context on a :class:`Model`; close it (or use ``with``) to free the cache.
 
     Arguments mirror the llama.cpp tools: ``n_ctx`` (-c), ``n_batch`` (-b), ``n_ubatch`` (-ub),
     ``n_seq_max`` (-np), ``type_k``/``type_v`` (-ctk/-ctv), ``flash_attn`` (-fa: None = auto),
     ``kv_unified`` (--kv-unified), ``n_threads`` (-t; default: all cores).
     """
+
+    _kind = "context"
 
     def __init__(self, model: Model, *, n_ctx: int = 2048, n_batch: int = 512, n_ubatch: int = 512,
                  n_seq_max: int = 1, n_threads: int | None = None, type_k: str = "f16", type_v: str = "f16",
@@ -68,29 +71,9 @@ class Context:
         model._contexts.add(self)
 
     # -- lifetime ---------------------------------------------------------------------
-    @property
-    def handle(self):
-        if self._handle is None:
-            raise LlamaError("the context is closed")
-        return self._handle
-
-    def close(self) -> None:
-        if getattr(self, "_handle", None) is not None:
-            self._lib.llama_free(self._handle)
-            self._handle = None
-            self._mem = None
-
-    def __enter__(self) -> Context:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+    def _free(self, handle) -> None:
+        self._mem = None
+        self._lib.llama_free(handle)
 
     @property
     def n_ctx(self) -> int:

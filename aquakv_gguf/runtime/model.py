@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from aquakv_gguf.runtime._ffi import AQUAKV_ERR_EXCEPTION, ffi, lib
 from aquakv_gguf.runtime.errors import LlamaError
+from aquakv_gguf.runtime.handle import NativeHandle
 
 if TYPE_CHECKING:
     from aquakv_gguf.runtime.context import Context
@@ -47,12 +48,14 @@ def format_kv_overrides(overrides: Mapping[str, KvValue]) -> str:
     return "\n".join(lines)
 
 
-class Model:
+class Model(NativeHandle):
     """A GGUF model loaded by the patched libllama.
 
     Use as a context manager (or call :meth:`close`) to free it deterministically;
     closing a model closes the contexts created from it first.
     """
+
+    _kind = "model"
 
     def __init__(self, path: str | os.PathLike[str], *, n_gpu_layers: int = 0, use_mmap: bool = True,
                  vocab_only: bool = False, kv_overrides: Mapping[str, KvValue] | None = None) -> None:
@@ -71,31 +74,14 @@ class Model:
         self._contexts: weakref.WeakSet[Context] = weakref.WeakSet()
 
     # -- lifetime ---------------------------------------------------------------------
-    @property
-    def handle(self):
-        if self._handle is None:
-            raise LlamaError("the model is closed")
-        return self._handle
-
     def close(self) -> None:
-        for ctx in list(self._contexts):
+        for ctx in list(getattr(self, "_contexts", ())):
             ctx.close()
-        if getattr(self, "_handle", None) is not None:
-            self._lib.llama_model_free(self._handle)
-            self._handle = None
-            self._vocab = None
+        super().close()
 
-    def __enter__(self) -> Model:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass
+    def _free(self, handle) -> None:
+        self._vocab = None
+        self._lib.llama_model_free(handle)
 
     def context(self, **kwargs) -> Context:
         """Create a :class:`Context` on this model (see its arguments)."""
