@@ -1,0 +1,48 @@
+// aquakv-gguf: the AQUA-KV tensors and metadata of a model.aqua.gguf, as loaded by llama.cpp.
+//
+// Everything here is read once at model load (native/src/aquakv-model.cpp) from the
+// aquakv.* keys and tensors that the converter writes (DESIGN §4); the cache reads these
+// values and never hard-codes its own.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+struct ggml_tensor;
+struct llama_model_base;
+
+// Predictors of one layer l >= 1, in llama.cpp's channel order; C = n_embd_k_gqa.
+//   k̂_l = p + Q(k_l - p),  p = k_pred_w · k̂_{l-1} + k_pred_b
+//   v̂_l = q + Q(v_l - q),  q = v_pred_k_w · k̂_l + v_pred_v_w · v̂_{l-1} + v_pred_b
+struct aquakv_layer_tensors {
+    ggml_tensor * k_pred_w   = nullptr;  // [C, C] (ne0 = input channel)
+    ggml_tensor * k_pred_b   = nullptr;  // [C]
+    ggml_tensor * v_pred_k_w = nullptr;  // [C, C]
+    ggml_tensor * v_pred_v_w = nullptr;  // [C, C]
+    ggml_tensor * v_pred_b   = nullptr;  // [C]
+};
+
+struct aquakv_model_data {
+    uint32_t version       = 0;
+    uint32_t grid_dim      = 0;  // d: values per code
+    uint32_t grid_size     = 0;  // n: codebook points of layers >= 1
+    uint32_t grid0_size    = 0;  // codebook points of layer 0
+    uint32_t group_size    = 0;  // G: channels sharing one f16 scale
+    uint32_t prefix_tokens = 0;  // P: attention-sink tokens kept in f16
+    uint32_t recent_tokens = 0;  // W: recent tokens kept in f16 until a chunk is quantized
+    uint32_t n_channels    = 0;  // C
+
+    ggml_tensor * grid  = nullptr;  // [d, n] f32
+    ggml_tensor * grid0 = nullptr;  // [d, n0] f32
+    std::vector<aquakv_layer_tensors> layers;  // index = layer; layers[0] is empty
+
+    // one line for the startup log
+    std::string describe() const;
+};
+
+// Called by the loader after the architecture's own tensors: when the file carries
+// aquakv.version, creates every AQUA-KV tensor (a missing one is a load error) and returns
+// the parsed data; otherwise returns nullptr and the model loads exactly as before.
+// Throws std::runtime_error naming the problem for inconsistent files.
+aquakv_model_data * aquakv_load_model_data(llama_model_base & model);

@@ -1,0 +1,91 @@
+// aquakv-gguf: creation of the AQUA-KV tensors while llama.cpp loads a model.
+
+#include "aquakv-model.h"
+
+#include "llama-arch.h"
+#include "llama-impl.h"
+#include "llama-model-loader.h"
+#include "llama-model.h"
+
+#include <memory>
+#include <stdexcept>
+
+namespace {
+
+uint32_t get_u32(llama_model_loader & ml, const char * key) {
+    uint32_t value = 0;
+    if (!ml.get_key(std::string(key), value, false)) {
+        throw std::runtime_error(std::string("aquakv: the model has aquakv.version but no ") + key);
+    }
+    return value;
+}
+
+bool is_power_of_two(uint32_t x) {
+    return x != 0 && (x & (x - 1)) == 0;
+}
+
+} // namespace
+
+std::string aquakv_model_data::describe() const {
+    return format("AQUA-KV v%u: %u-point grid (layer 0: %u) in R^%u, group %u, C = %u, %u sink + %u recent f16 tokens",
+                  version, grid_size, grid0_size, grid_dim, group_size, n_channels, prefix_tokens, recent_tokens);
+}
+
+aquakv_model_data * aquakv_load_model_data(llama_model_base & model) {
+    llama_model_loader & ml = *model.ml;
+    uint32_t version = 0;
+    if (!ml.get_key(std::string("aquakv.version"), version, false)) {
+        if (ml.get_tensor_meta("aquakv.grid") != nullptr) {
+            throw std::runtime_error("aquakv: the file has AQUA-KV tensors but no aquakv.version metadata");
+        }
+        return nullptr;
+    }
+    if (version != 1) {
+        throw std::runtime_error(format("aquakv: unsupported aquakv.version %u (this build reads version 1)", version));
+    }
+
+    auto data = std::make_unique<aquakv_model_data>();
+    data->version       = version;
+    data->grid_dim      = get_u32(ml, "aquakv.grid.dim");
+    data->grid_size     = get_u32(ml, "aquakv.grid.size");
+    data->grid0_size    = get_u32(ml, "aquakv.grid0.size");
+    data->group_size    = get_u32(ml, "aquakv.group_size");
+    data->prefix_tokens = get_u32(ml, "aquakv.prefix_tokens");
+    data->recent_tokens = get_u32(ml, "aquakv.recent_tokens");
+
+    const auto & hp = model.hparams;
+    const uint32_t n_layer = hp.n_layer();
+    const uint32_t C = hp.n_embd_k_gqa(0);
+    for (uint32_t il = 0; il < n_layer; ++il) {
+        if (hp.n_embd_k_gqa(il) != C || hp.n_embd_v_gqa(il) != C) {
+            throw std::runtime_error(format("aquakv: layer %u has K/V widths %u/%u, but AQUA-KV needs the same width "
+                                            "%u for keys and values in every layer", il, hp.n_embd_k_gqa(il),
+                                            hp.n_embd_v_gqa(il), C));
+        }
+    }
+    data->n_channels = C;
+    if (data->grid_dim == 0 || C % data->grid_dim != 0 || !is_power_of_two(data->group_size) ||
+        C % data->group_size != 0 || data->group_size % data->grid_dim != 0 ||
+        !is_power_of_two(data->grid_size) || !is_power_of_two(data->grid0_size)) {
+        throw std::runtime_error(format("aquakv: inconsistent metadata: C = %u, grid dim %u, group size %u, grid sizes "
+                                        "%u/%u (group size and grid sizes must be powers of two dividing C)",
+                                        C, data->grid_dim, data->group_size, data->grid_size, data->grid0_size));
+    }
+
+    const auto & tn = model.tn;
+    const int64_t d = data->grid_dim;
+    data->grid  = model.create_tensor(tn(LLM_TENSOR_AQUAKV_GRID),  {d, (int64_t) data->grid_size},  0);
+    data->grid0 = model.create_tensor(tn(LLM_TENSOR_AQUAKV_GRID0), {d, (int64_t) data->grid0_size}, 0);
+    data->layers.resize(n_layer);
+    for (uint32_t il = 1; il < n_layer; ++il) {
+        auto & L = data->layers[il];
+        const int bid = (int) il;
+        L.k_pred_w   = model.create_tensor(tn(LLM_TENSOR_AQUAKV_K_PRED,   "weight", bid), {C, C}, 0);
+        L.k_pred_b   = model.create_tensor(tn(LLM_TENSOR_AQUAKV_K_PRED,   "bias",   bid), {C},    0);
+        L.v_pred_k_w = model.create_tensor(tn(LLM_TENSOR_AQUAKV_V_PRED_K, "weight", bid), {C, C}, 0);
+        L.v_pred_v_w = model.create_tensor(tn(LLM_TENSOR_AQUAKV_V_PRED_V, "weight", bid), {C, C}, 0);
+        L.v_pred_b   = model.create_tensor(tn(LLM_TENSOR_AQUAKV_V_PRED,   "bias",   bid), {C},    0);
+    }
+    LLAMA_LOG_INFO("%s: %s\n", __func__, data->describe().c_str());
+    return data.release();
+}
