@@ -15,14 +15,16 @@
 
 namespace {
 
-// Enough to hold a failed load's explanation; old lines are dropped first.
-constexpr size_t AQUAKV_LOG_MAX_LINES = 400;
+// Enough to hold a model load's info lines and a failure's explanation; old lines are
+// dropped first. Debug lines (one per tensor while loading) are echoed but not retained.
+constexpr size_t AQUAKV_LOG_MAX_LINES = 1000;
 
 struct aquakv_log_state {
     std::mutex              mutex;
     std::deque<std::string> lines;
     std::string             partial;  // llama.cpp sometimes logs one line in pieces
     int32_t                 echo_level = GGML_LOG_LEVEL_WARN;
+    enum ggml_log_level     last_level = GGML_LOG_LEVEL_INFO;  // what a CONT piece continues
 };
 
 aquakv_log_state & log_state() {
@@ -33,8 +35,14 @@ aquakv_log_state & log_state() {
 void aquakv_log_callback(enum ggml_log_level level, const char * text, void * /*user_data*/) {
     auto & st = log_state();
     std::lock_guard<std::mutex> lock(st.mutex);
-    if (st.echo_level >= 0 && level != GGML_LOG_LEVEL_CONT && (int32_t) level >= st.echo_level) {
+    if (level != GGML_LOG_LEVEL_CONT) {
+        st.last_level = level;
+    }
+    if (st.echo_level >= 0 && (int32_t) st.last_level >= st.echo_level) {
         fputs(text, stderr);
+    }
+    if (st.last_level == GGML_LOG_LEVEL_DEBUG) {
+        return;
     }
     st.partial += text;
     size_t start = 0;
