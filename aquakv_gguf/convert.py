@@ -12,24 +12,41 @@ Bad input ends with one ``error: ...`` line and exit code 2, and never leaves a 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import resource
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from aquakv_gguf.calibrate import (CalibrationError, CalibrationResult, Recipe, UnsupportedModelError, calibrate,
-                                   check_full_attention, make_sequences, recipe_for_gguf_arch, recipe_for_hf_config)
+from aquakv_gguf.calibrate import (
+    CalibrationError,
+    CalibrationResult,
+    Recipe,
+    UnsupportedModelError,
+    calibrate,
+    check_full_attention,
+    make_sequences,
+    recipe_for_gguf_arch,
+    recipe_for_hf_config,
+)
 from aquakv_gguf.calibrate.chain import GRID_DIM, LAYER0_BITS, LayerReport
 from aquakv_gguf.calibrate.quantizer import bits_to_points
-from aquakv_gguf.gguf_io import (AquaKVFormatError, AquaKVParams, ModelDims, open_gguf, read_aqua_gguf,
-                                 read_model_dims, write_aqua_gguf)
+from aquakv_gguf.gguf_io import (
+    AquaKVFormatError,
+    AquaKVParams,
+    ModelDims,
+    open_gguf,
+    read_aqua_gguf,
+    read_model_dims,
+    write_aqua_gguf,
+)
 from aquakv_gguf.reference.accounting import bits_per_value
 
 log = logging.getLogger("aquakv_gguf.convert")
@@ -59,6 +76,7 @@ class ConvertSummary:
     peak_rss_mib: float
     peak_rss_children_mib: float
     timings: dict[str, float] = field(default_factory=dict)
+    others: dict[int, tuple[Path, list[LayerReport]]] = field(default_factory=dict)  # --also outputs
 
 
 def _first_line(exc: BaseException) -> str:
@@ -188,16 +206,30 @@ def summary_bits_per_value(params: AquaKVParams, n_tokens: int) -> float:
 def convert(model: str | os.PathLike[str], out: str | os.PathLike[str], *, bits: int = 2,
             group_size: int | None = None, calib_tokens: int | None = None, calib_text: str | os.PathLike[str] | None = None,
             calib_seq_len: int | None = None, seed: int = 0, device: str = "cpu", force: bool = False,
-            outtype: str = "f16", progress: bool = True) -> ConvertSummary:
-    """Calibrate ``model`` and write ``out``; raises ConvertError/CalibrationError/AquaKVFormatError."""
+            outtype: str = "f16", also: dict[int, str | os.PathLike[str]] | None = None,
+            prefix_tokens: int = 4, recent_tokens: int = 128, progress: bool = True) -> ConvertSummary:
+    """Calibrate ``model`` and write ``out``; raises ConvertError/CalibrationError/AquaKVFormatError.
+
+    ``also`` maps further bit widths to further outputs: they share the (slow) pass over the
+    model, each with its own chain of reconstructions and predictors.
+    """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     model, out = Path(model), Path(out)
-    if bits not in (2, 3, 4):
-        raise ConvertError(f"--bits must be 2, 3 or 4, got {bits}")
+    if bits in (also or {}):
+        raise ConvertError(f"--also repeats the main bit width {bits}")
+    outputs = {bits: out, **{int(b): Path(p) for b, p in (also or {}).items()}}
+    for b in outputs:
+        if b not in (2, 3, 4):
+            raise ConvertError(f"--bits must be 2, 3 or 4, got {b}")
+    if len({p.resolve() for p in outputs.values()}) != len(outputs):
+        raise ConvertError("every bit width needs its own output file")
+    if prefix_tokens < 0 or recent_tokens < 1:
+        raise ConvertError("--prefix-tokens must be >= 0 and --recent-tokens >= 1")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConvertError("--device cuda requested but torch sees no CUDA device")
-    _check_output(model, out, force)
+    for path in outputs.values():
+        _check_output(model, path, force)
     kind = _model_kind(model)
     text, text_source = _read_text(Path(calib_text) if calib_text is not None else None)
     if not text.strip():
@@ -236,7 +268,7 @@ def convert(model: str | os.PathLike[str], out: str | os.PathLike[str], *, bits:
         seq_len = calib_seq_len or recipe.calib_seq_len
         t1 = time.perf_counter()
         seqs = make_sequences(tokenizer, text, n_tokens=calib_tokens or recipe.calib_tokens, seq_len=seq_len,
-                              heldout_fraction=recipe.heldout_fraction, seed=seed, prefix_tokens=4,
+                              heldout_fraction=recipe.heldout_fraction, seed=seed, prefix_tokens=prefix_tokens,
                               min_train_tokens=2 * c + 1)
         timings["tokenize"] = time.perf_counter() - t1
         log.info("calibration: %d sequences x %d tokens (%d held out) from %s", seqs.input_ids.shape[0], seq_len,
@@ -268,19 +300,22 @@ def convert(model: str | os.PathLike[str], out: str | os.PathLike[str], *, bits:
         meta = {"text": text_source, "text_tokens": seqs.text_tokens, "tokens": seqs.n_tokens, "seed": int(seed),
                 "recipe": recipe.name, "source_model": model.name}
         result: CalibrationResult = calibrate(
-            hf_model, recipe, seqs.input_ids, seqs.heldout, bits=(bits,), group_size=group, device=device,
-            calibration_meta=meta, progress=progress)
+            hf_model, recipe, seqs.input_ids, seqs.heldout, bits=tuple(outputs), group_size=group, device=device,
+            prefix_tokens=prefix_tokens, recent_tokens=recent_tokens, calibration_meta=meta, progress=progress)
         timings["calibrate"] = result.seconds
         del hf_model
 
-        params = result.params[bits].with_channel_order("llama.cpp", permutes_qk=recipe.llama_cpp_permutes_qk)
         t1 = time.perf_counter()
-        write_aqua_gguf(src_gguf, out, params, progress=progress)
-        try:
-            read_aqua_gguf(out)
-        except AquaKVFormatError:
-            out.unlink(missing_ok=True)
-            raise
+        written = {}
+        for b, path in outputs.items():
+            written[b] = result.params[b].with_channel_order("llama.cpp", permutes_qk=recipe.llama_cpp_permutes_qk)
+            write_aqua_gguf(src_gguf, path, written[b], progress=progress)
+            try:
+                read_aqua_gguf(path)
+            except AquaKVFormatError:
+                path.unlink(missing_ok=True)
+                raise
+        params = written[bits]
         timings["write"] = time.perf_counter() - t1
 
     usage_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
@@ -289,23 +324,29 @@ def convert(model: str | os.PathLike[str], out: str | os.PathLike[str], *, bits:
         reports=result.reports[bits], bits_per_value={n: summary_bits_per_value(params, n) for n in CONTEXTS},
         predictor_mib=params.predictor_bytes() / 2**20, seconds=time.perf_counter() - t_start,
         peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-        peak_rss_children_mib=usage_children, timings=timings)
+        peak_rss_children_mib=usage_children, timings=timings,
+        others={b: (outputs[b], result.reports[b]) for b in outputs if b != bits})
 
 
 def format_summary(s: ConvertSummary) -> str:
     """Human-readable summary: per-layer held-out relMSE, bits per value, predictor size, time, RAM."""
-    lines = [f"wrote {s.out}  (recipe {s.recipe}, {s.bits}-bit grid {bits_to_points(s.bits, GRID_DIM)} points, "
-             f"layer 0 {LAYER0_BITS}-bit, group size {s.group_size}, {s.calib_tokens} calibration tokens)",
-             "held-out relative MSE per layer (pred = predictor alone; k/v = AQUA-KV reconstruction; "
-             "higgs = same bits without predictors):",
+    lines = [(f"wrote {s.out}  (recipe {s.recipe}, {s.bits}-bit grid {bits_to_points(s.bits, GRID_DIM)} points, "
+              f"layer 0 {LAYER0_BITS}-bit, group size {s.group_size}, {s.calib_tokens} calibration tokens)"),
+             ("held-out relative MSE per layer (pred = predictor alone; k/v = AQUA-KV reconstruction; "
+              "higgs = same bits without predictors):"),
              "  layer   k_pred   v_pred        k        v  k_higgs  v_higgs"]
     for r in s.reports:
         lines.append(f"  {r.layer:5d} {r.k_pred:8.4f} {r.v_pred:8.4f} {r.k:8.5f} {r.v:8.5f} {r.k_higgs:8.5f} {r.v_higgs:8.5f}")
     tail = s.reports[1:] or s.reports
-    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    mean = lambda xs: sum(xs) / len(xs)
     lines.append(f"  mean(l>=1) {mean([r.k_pred for r in tail]):.4f} {mean([r.v_pred for r in tail]):.4f} "
                  f"{mean([r.k for r in tail]):.5f} {mean([r.v for r in tail]):.5f} "
                  f"{mean([r.k_higgs for r in tail]):.5f} {mean([r.v_higgs for r in tail]):.5f}")
+    for b, (path, reports) in s.others.items():
+        tail_b = reports[1:] or reports
+        lines.append(f"also wrote {path} ({b}-bit): mean(l>=1) key pred {mean([r.k_pred for r in tail_b]):.4f}, "
+                     f"value pred {mean([r.v_pred for r in tail_b]):.4f}, key recon {mean([r.k for r in tail_b]):.5f}, "
+                     f"value recon {mean([r.v for r in tail_b]):.5f}")
     bpv = ", ".join(f"{v:.3f} at {n // 1024}K" for n, v in s.bits_per_value.items())
     lines.append(f"bits per value: {bpv} (codes + f16 scales + f16 sinks/recent window; layer 0 at {LAYER0_BITS} bits)")
     lines.append(f"predictors: {s.predictor_mib:.2f} MiB (f16 weights, f32 biases)")
@@ -314,6 +355,17 @@ def format_summary(s: ConvertSummary) -> str:
     lines.append(f"peak RAM: {s.peak_rss_mib:.0f} MiB (this process)"
                  + (f", {s.peak_rss_children_mib:.0f} MiB (largest child process)" if s.peak_rss_children_mib else ""))
     return "\n".join(lines)
+
+
+def summary_dict(s: ConvertSummary) -> dict[str, Any]:
+    """JSON-friendly summary (paths as strings, per-layer reports as dicts)."""
+    return {
+        "out": str(s.out), "recipe": s.recipe, "bits": s.bits, "group_size": s.group_size,
+        "calib_tokens": s.calib_tokens, "bits_per_value": {str(k): v for k, v in s.bits_per_value.items()},
+        "predictor_mib": s.predictor_mib, "seconds": s.seconds, "peak_rss_mib": s.peak_rss_mib,
+        "timings": s.timings, "reports": {str(s.bits): [asdict(r) for r in s.reports],
+                                          **{str(b): [asdict(r) for r in reps] for b, (_p, reps) in s.others.items()}},
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -329,7 +381,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--calib-text", type=Path, default=None, help="UTF-8 text file (default: five Austen novels)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the held-out split (default 0)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="CPU threads for torch (default: torch's choice; 1 is faster on a machine busy with other jobs)")
+    ap.add_argument("--prefix-tokens", type=int, default=4, help="attention-sink tokens kept in f16 (default 4)")
+    ap.add_argument("--recent-tokens", type=int, default=128,
+                    help="tokens gathered in f16 before a chunk is quantized (default 128)")
     ap.add_argument("--outtype", default="f16", help="weight type when converting a Hugging Face folder (default f16)")
+    ap.add_argument("--also", action="append", default=[], metavar="BITS:PATH",
+                    help="also write the predictors fitted for BITS to PATH, sharing the pass over the model "
+                         "(repeatable)")
+    ap.add_argument("--summary-json", type=Path, default=None, help="also write the summary as JSON to this file")
     ap.add_argument("--force", action="store_true", help="overwrite an existing output (never the input)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     return ap
@@ -341,10 +402,20 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     from aquakv_gguf.assets import AssetError
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    also = {}
+    for item in args.also:
+        b, sep, path = item.partition(":")
+        if not sep or not b.isdigit() or not path:
+            print(f"error: --also expects BITS:PATH, got {item!r}", file=sys.stderr)
+            return 2
+        also[int(b)] = Path(path)
     try:
         summary = convert(args.model, args.out, bits=args.bits, group_size=args.group_size,
                           calib_tokens=args.calib_tokens, calib_text=args.calib_text, calib_seq_len=args.calib_seq_len,
                           seed=args.seed, device=args.device, force=args.force, outtype=args.outtype,
+                          also=also, prefix_tokens=args.prefix_tokens, recent_tokens=args.recent_tokens,
                           progress=not args.quiet)
     except (ConvertError, CalibrationError, AquaKVFormatError, AssetError) as exc:
         print(f"error: {_first_line(exc)}", file=sys.stderr)
@@ -353,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     print(format_summary(summary))
+    if args.summary_json is not None:
+        args.summary_json.write_text(json.dumps(summary_dict(summary), indent=1) + "\n")
     return 0
 
 

@@ -1,8 +1,12 @@
 """The main job on the embedded model: ``python -m aquakv_gguf.demo`` (``make demo``).
 
-Loads SmolLM2-135M-Instruct (embedded GGUF) in the patched llama.cpp, streams a short
-greedy generation, then measures perplexity on the evaluation text (Pride and
-Prejudice, 20 windows of 512 tokens, f16 cache).
+1. Loads SmolLM2-135M-Instruct (embedded GGUF) in the patched llama.cpp, streams a short
+   greedy generation and measures perplexity on the evaluation text (Pride and
+   Prejudice, 20 windows of 512 tokens, f16 cache).
+2. Converts it to ``smollm2.aqua.gguf``: calibrates the AQUA-KV predictors on the
+   calibration books and writes them with the codebooks into the GGUF.
+3. Loads the converted file in llama.cpp (which validates the AQUA-KV tensors) and
+   generates with it. The AQUA-KV cache type that uses them inside llama.cpp is issue 4.
 """
 
 from __future__ import annotations
@@ -10,8 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
-from aquakv_gguf.assets import evaluation_text, smollm2_gguf
+from aquakv_gguf.assets import cache_dir, evaluation_text, smollm2_gguf
+from aquakv_gguf.convert import convert, format_summary
 from aquakv_gguf.eval.native_perplexity import perplexity
 from aquakv_gguf.runtime import Model, build_info
 
@@ -22,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m aquakv_gguf.demo", description=__doc__.splitlines()[0])
     ap.add_argument("--windows", type=int, default=20)
     ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--bits", type=int, choices=(2, 3, 4), default=2)
+    ap.add_argument("--out", type=Path, default=None, help="converted model (default: in the cache folder)")
+    ap.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens (default: the recipe's)")
     args = ap.parse_args(argv)
 
     print(f"[demo] {build_info()}")
@@ -44,6 +53,20 @@ def main(argv: list[str] | None = None) -> int:
         res = perplexity(ctx, tokens, window=512, n_windows=args.windows)
         print(f"[demo] perplexity on Pride and Prejudice ({args.windows} x 512 tokens, f16 cache): "
               f"{res.perplexity:.3f} ({res.tokens_per_second:.0f} tok/s)")
+
+    out = args.out or cache_dir() / "demo" / f"smollm2.aqua{args.bits}.gguf"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"\n[demo] converting to {out} (AQUA-KV {args.bits}-bit) ...", flush=True)
+    summary = convert(path, out, bits=args.bits, calib_tokens=args.calib_tokens, force=True)
+    print(format_summary(summary))
+
+    with Model(out) as model, model.context(n_ctx=1024) as ctx:
+        print(f"[demo] llama.cpp loaded {out.name} with its AQUA-KV tensors; generating:\n")
+        sys.stdout.write(PROMPT)
+        for step in ctx.generate(PROMPT, max_tokens=args.max_tokens):
+            sys.stdout.write(step.text)
+            sys.stdout.flush()
+        print()
     return 0
 
 

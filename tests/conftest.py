@@ -6,8 +6,9 @@ converted with the pinned llama.cpp's convert_hf_to_gguf.py; nothing is download
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 

@@ -15,8 +15,15 @@ from .capture import LayerwiseRunner, decoder_layers, flatten_channels, get_subm
 from .chain import CalibrationResult, LayerReport, calibrate, peak_rss_mib, reports_as_dicts
 from .errors import CalibrationError, CalibrationTextError, UnsupportedModelError
 from .quantizer import RowQuantizer, bits_to_points
-from .recipes import (Recipe, all_recipes, check_full_attention, load_recipe, recipe_for_gguf_arch,
-                      recipe_for_hf_config, recipes_dir)
+from .recipes import (
+                      Recipe,
+                      all_recipes,
+                      check_full_attention,
+                      load_recipe,
+                      recipe_for_gguf_arch,
+                      recipe_for_hf_config,
+                      recipes_dir,
+)
 from .ridge import ErrorAccumulator, RidgeAccumulator, fit_ridge
 from .text import CalibrationSequences, adds_bos, make_sequences, tokenize_text
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,7 +113,7 @@ def calibrate(model: nn.Module, recipe: Recipe, input_ids: torch.Tensor, heldout
     t_start = time.perf_counter()
     device = torch.device(device)
     reg = recipe.reg if reg is None else reg
-    bits = sorted(set(int(b) for b in bits))
+    bits = sorted({int(b) for b in bits})
     config = model.config
     n_layers = int(config.num_hidden_layers)
     n_kv = int(config.num_key_value_heads)

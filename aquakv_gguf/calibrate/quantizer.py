@@ -104,7 +104,7 @@ class RowQuantizer:
     @torch.no_grad()
     def nearest(self, y: torch.Tensor) -> torch.Tensor:
         """Index of the grid point maximising ``2·y·g − ‖g‖²`` (first on ties) for ``y: [P, d]``: int64 [P]."""
-        g, g2, gnorm, _h, cand = self._on(y.device)
+        _g, g2, gnorm, _h, cand = self._on(y.device)
         if cand is None:
             return self._exhaustive(y, g2, gnorm, torch.empty(y.shape[0], dtype=torch.int64, device=y.device))
         cand, unique, feats = cand

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import functools
 import os
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from aquakv_gguf.paths import PACKAGE_DIR, REPO_DIR
 
@@ -107,7 +108,7 @@ def load_recipe(path: str | os.PathLike[str]) -> Recipe:
     return recipe
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _all_recipes(folder: Path) -> tuple[Recipe, ...]:
     return tuple(load_recipe(p) for p in sorted(folder.glob("*.toml")))
 

@@ -19,16 +19,17 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from aquakv_gguf.calibrate.chain import GRID_DIM, LAYER0_BITS
+from aquakv_gguf.calibrate.chain import GRID_DIM
 from aquakv_gguf.calibrate.quantizer import bits_to_points
 from aquakv_gguf.gguf_io.params import AquaKVParams
 from aquakv_gguf.reference.accounting import bits_per_value
@@ -49,7 +50,10 @@ class ModeSpec:
 
 @dataclass
 class ModeResult:
-    """Scores of one mode over all windows; kld/top1 are vs the f16 run (0 and 1 for f16 itself)."""
+    """Scores of one mode over all windows; kld/top1 are vs the f16 run (0 and 1 for f16 itself).
+
+    seconds is the wall time of the whole lockstep evaluation (all modes together).
+    """
 
     name: str
     mode: str
@@ -75,11 +79,16 @@ def eval_windows(tokens: Sequence[int], window: int, n_windows: int, bos_id: int
     return [head + list(tokens[i * body:(i + 1) * body]) for i in range(n_windows)]
 
 
+def spec_row(spec: ModeSpec) -> dict[str, Any]:
+    """AquaKVCache keyword arguments of one spec."""
+    return dict(mode=spec.mode, params=spec.params, bits=spec.bits, layer0_bits=spec.layer0_bits)
+
+
 def make_cache(model: nn.Module, spec: ModeSpec) -> Any:
     """An AquaKVCache for ``spec`` (import deferred: it loads transformers' cache classes)."""
     from aquakv_gguf.reference.cache import AquaKVCache
 
-    return AquaKVCache(model, mode=spec.mode, params=spec.params, bits=spec.bits, layer0_bits=spec.layer0_bits)
+    return AquaKVCache(model, **spec_row(spec))
 
 
 def spec_bits_per_value(model: nn.Module, spec: ModeSpec, n_tokens: int) -> float:
@@ -102,63 +111,77 @@ def spec_bits_per_value(model: nn.Module, spec: ModeSpec, n_tokens: int) -> floa
                           n_points0=bits_to_points(spec.layer0_bits, GRID_DIM) if spec.layer0_bits else None, **common)
 
 
+def cache_kwarg(model: nn.Module) -> str:
+    """Name of the forward argument that takes a Cache: ``cache`` (transformers >= 5.2x) or ``past_key_values``."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def forward_with_cache(model: nn.Module, ids: torch.Tensor, cache: Any) -> torch.Tensor:
+    """Logits ``[B, T, V]`` of ``ids: [B, T]`` appended to ``cache``."""
+    return model(input_ids=ids, use_cache=True, **{cache_kwarg(model): cache}).logits
+
+
 @torch.no_grad()
 def stepwise_logits(model: nn.Module, ids: torch.Tensor, cache: Any, step: int) -> torch.Tensor:
     """Logits ``[B, T, V]`` (float32) of ``ids: [B, T]`` fed into ``cache`` in ``step``-token steps."""
     out = []
     for s in range(0, ids.shape[1], step):
-        out.append(model(input_ids=ids[:, s:s + step], cache=cache, use_cache=True).logits.float())
+        out.append(forward_with_cache(model, ids[:, s:s + step], cache).float())
     return torch.cat(out, dim=1)
 
 
 @torch.no_grad()
 def evaluate_reference(model: nn.Module, windows: list[list[int]], specs: list[ModeSpec], *, step: int = 32,
                        progress: bool = True, contexts: Sequence[int] = (8192, 32768)) -> dict[str, ModeResult]:
-    """Score every spec on every window in lockstep with an f16 baseline (added if absent)."""
+    """Score every spec on every window in lockstep with an f16 baseline (added if absent).
+
+    All specs run as the rows of one batch (one AquaKVCache with a configuration per row), so
+    each step reads the weights once for every mode; rows never interact.
+    """
+    from aquakv_gguf.reference.cache import AquaKVCache
+
     if not any(s.mode == "f16" for s in specs):
         specs = [ModeSpec("f16", "f16")] + list(specs)
     base = next(i for i, s in enumerate(specs) if s.mode == "f16")
     device = next(model.parameters()).device
-    nll = np.zeros(len(specs))
-    kld = np.zeros(len(specs))
-    agree = np.zeros(len(specs))
-    secs = np.zeros(len(specs))
+    n_modes = len(specs)
+    nll = np.zeros(n_modes)
+    kld = np.zeros(n_modes)
+    agree = np.zeros(n_modes)
     n_scored = 0
+    t_start = time.perf_counter()
     total_steps = sum(math.ceil(len(w) / step) for w in windows)
-    bar = tqdm(total=total_steps, desc=f"reference eval ({len(specs)} modes)", unit="step", disable=not progress)
+    bar = tqdm(total=total_steps, desc=f"reference eval ({n_modes} modes)", unit="step", disable=not progress)
     for win in windows:
-        ids = torch.tensor([win], dtype=torch.long, device=device)
-        caches = [make_cache(model, s) for s in specs]
+        ids = torch.tensor([win], dtype=torch.long, device=device).expand(n_modes, -1).contiguous()
+        cache = AquaKVCache(model, rows=[spec_row(s) for s in specs])
         for s in range(0, ids.shape[1], step):
             e = min(ids.shape[1], s + step)
             # Position i predicts token i+1: the window's last position has no target.
             n_tgt = min(e, ids.shape[1] - 1) - s
             targets = ids[0, s + 1:s + 1 + n_tgt]
-            logps = []
-            for i, (spec, cache) in enumerate(zip(specs, caches)):
-                t0 = time.perf_counter()
-                logits = model(input_ids=ids[:, s:e], cache=cache, use_cache=True).logits[0, :n_tgt]
-                secs[i] += time.perf_counter() - t0
-                logp = torch.log_softmax(logits.double(), dim=-1)
-                nll[i] += float(-logp.gather(1, targets[:, None]).sum())
-                logps.append(logp)
-            ref = logps[base]
-            p_ref = ref.exp()
-            top_ref = ref.argmax(-1)
-            for i, logp in enumerate(logps):
-                kld[i] += float((p_ref * (ref - logp)).sum())
-                agree[i] += float((logp.argmax(-1) == top_ref).sum())
+            logits = forward_with_cache(model, ids[:, s:e], cache)[:, :n_tgt]
+            logp = torch.log_softmax(logits.double(), dim=-1)  # [modes, n_tgt, V]
+            nll += (-logp.gather(2, targets.view(1, -1, 1).expand(n_modes, -1, 1))).sum(dim=(1, 2)).cpu().numpy()
+            ref = logp[base]
+            kld += (ref.exp() * (ref - logp)).sum(dim=(1, 2)).cpu().numpy()
+            agree += (logp.argmax(-1) == ref.argmax(-1)).sum(dim=1).cpu().numpy()
             n_scored += n_tgt
             bar.update(1)
-        for c in caches:
-            c.close()
+        cache.close()
     bar.close()
+    seconds = time.perf_counter() - t_start
+    log.info("evaluated %d modes on %d windows (%d scored tokens each) in %.1f s", n_modes, len(windows), n_scored,
+             seconds)
     results = {}
     for i, spec in enumerate(specs):
         results[spec.name] = ModeResult(
             name=spec.name, mode=spec.mode, bits=spec.bits if spec.mode != "aqua" else int(round(spec.params.bits)),
-            perplexity=math.exp(nll[i] / n_scored), nll=nll[i] / n_scored, kld=kld[i] / n_scored,
-            top1=agree[i] / n_scored, n_scored=n_scored, seconds=float(secs[i]),
+            perplexity=math.exp(nll[i] / n_scored), nll=nll[i] / n_scored, kld=max(0.0, kld[i] / n_scored),
+            top1=agree[i] / n_scored, n_scored=n_scored, seconds=seconds,
             bits_per_value={n: spec_bits_per_value(model, spec, n) for n in contexts})
     return results
 

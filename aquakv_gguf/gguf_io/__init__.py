@@ -18,7 +18,22 @@ from .reader import ModelDims, has_aquakv, open_gguf, read_aqua_gguf, read_model
 from .writer import aquakv_metadata, aquakv_tensors, write_aqua_gguf
 
 __all__ = [
-    "AquaKVFormatError", "AquaKVParams", "RawGGUF", "pack_field", "rewrite", "FORMAT_VERSION", "LayerPredictor", "ModelDims", "aquakv_metadata",
-    "aquakv_tensors", "has_aquakv", "llama_cpp_key_permutation", "open_gguf", "permute_predictor",
-    "read_aqua_gguf", "read_model_dims", "validate_aqua_gguf", "write_aqua_gguf",
+    "FORMAT_VERSION",
+    "AquaKVFormatError",
+    "AquaKVParams",
+    "LayerPredictor",
+    "ModelDims",
+    "RawGGUF",
+    "aquakv_metadata",
+    "aquakv_tensors",
+    "has_aquakv",
+    "llama_cpp_key_permutation",
+    "open_gguf",
+    "pack_field",
+    "permute_predictor",
+    "read_aqua_gguf",
+    "read_model_dims",
+    "rewrite",
+    "validate_aqua_gguf",
+    "write_aqua_gguf",
 ]

@@ -36,7 +36,7 @@ class LayerPredictor:
     def arrays(self) -> dict[str, np.ndarray]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
-    def map(self, fn) -> "LayerPredictor":
+    def map(self, fn) -> LayerPredictor:
         """A copy with ``fn(name, array)`` applied to every array."""
         return LayerPredictor(**{k: fn(k, v) for k, v in self.arrays().items()})
 
@@ -83,7 +83,7 @@ class AquaKVParams:
         per_layer = 3 * c * c * weight_bytes + 2 * c * bias_bytes
         return per_layer * sum(p is not None for p in self.predictors)
 
-    def with_channel_order(self, order: ChannelOrder, *, permutes_qk: bool) -> "AquaKVParams":
+    def with_channel_order(self, order: ChannelOrder, *, permutes_qk: bool) -> AquaKVParams:
         """The same parameters in another key-channel order.
 
         ``permutes_qk`` is the recipe's ``llama_cpp_permutes_qk``: when False both orders coincide.

@@ -21,6 +21,18 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["AquaKVCache", "AquaKVLayer", "KeyTap", "MODES", "apply_rope", "bits_per_value", "kv_bits",
-           "predict_keys", "predict_values", "quantized_end", "quantized_vector_bits", "residual_quantize",
-           "rotate_half"]
+__all__ = [
+    "MODES",
+    "AquaKVCache",
+    "AquaKVLayer",
+    "KeyTap",
+    "apply_rope",
+    "bits_per_value",
+    "kv_bits",
+    "predict_keys",
+    "predict_values",
+    "quantized_end",
+    "quantized_vector_bits",
+    "residual_quantize",
+    "rotate_half",
+]

@@ -21,6 +21,7 @@ grow contiguously (no left padding, no cropping); all batch rows share positions
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -30,7 +31,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from aquakv_gguf import quant
 from aquakv_gguf.calibrate.capture import flatten_channels, get_submodule, key_value_modules
-from aquakv_gguf.calibrate.chain import GRID_DIM, LAYER0_BITS
+from aquakv_gguf.calibrate.chain import GRID_DIM
 from aquakv_gguf.calibrate.quantizer import RowQuantizer, bits_to_points
 from aquakv_gguf.calibrate.recipes import Recipe, recipe_for_hf_config
 from aquakv_gguf.gguf_io.params import AquaKVParams
@@ -69,7 +70,7 @@ class KeyTap:
         self.handles = []
 
     @staticmethod
-    def for_model(model: nn.Module, recipe: Recipe) -> "KeyTap":
+    def for_model(model: nn.Module, recipe: Recipe) -> KeyTap:
         """The model's tap, created on first use (hooks stay for the model's lifetime)."""
         tap = getattr(model, "_aquakv_key_tap", None)
         if tap is None:
@@ -79,28 +80,75 @@ class KeyTap:
         return tap
 
 
+def _grow(buf: torch.Tensor | None, dim: int, need: int, like: torch.Tensor) -> torch.Tensor:
+    """A buffer shaped like ``like`` with at least ``need`` slots along ``dim`` (capacity doubles)."""
+    if buf is not None and buf.shape[dim] >= need:
+        return buf
+    cap = max(need, 256, 2 * (buf.shape[dim] if buf is not None else 0))
+    shape = list(like.shape)
+    shape[dim] = cap
+    new = torch.zeros(shape, dtype=like.dtype, device=like.device)
+    if buf is not None:
+        new.narrow(dim, 0, buf.shape[dim]).copy_(buf)
+    return new
+
+
+@dataclass
+class RowConfig:
+    """How one batch row is cached: mode "off"/"f16"/"higgs"/"aqua" and its quantizers/predictors."""
+
+    mode: str
+    q: RowQuantizer | None = None
+    q0: RowQuantizer | None = None
+    params: AquaKVParams | None = None
+    bits: float | None = None
+    _pred: dict[tuple[int, torch.device], tuple[torch.Tensor, ...]] = field(default_factory=dict)
+
+    @property
+    def quantizes(self) -> bool:
+        return self.mode in ("higgs", "aqua")
+
+    def predictors(self, layer: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """``(A [C,C], a [C], B_K [C,C], B_V [C,C], b [C])`` float32 on ``device``."""
+        key = (layer, device)
+        if key not in self._pred:
+            p = self.params.predictors[layer]
+            self._pred[key] = tuple(torch.as_tensor(np.asarray(a, dtype=np.float32), device=device)
+                                    for a in (p.k_weight, p.k_bias, p.v_weight_k, p.v_weight_v, p.v_bias))
+        return self._pred[key]
+
+
 class AquaKVLayer(DynamicLayer):
     """One layer's cache.
 
     k_hat, v_hat: ``[B, N, C]`` float32 pre-RoPE representation attention sees (f16-rounded sinks
     and window, reconstructions for quantized chunks); raw_k, raw_v: ``[B, N - q_end, C]`` the
     exact values of the not-yet-quantized tokens after the sinks; keys/values (returned to
-    attention): ``[B, H, N, D]`` in the model's dtype, keys with RoPE applied.
+    attention): ``[B, H, N, D]`` in the model's dtype, keys with RoPE applied.  All four live in
+    buffers that double in capacity, so a step costs O(new tokens), not O(N).
     """
 
-    def __init__(self, owner: "AquaKVCache", layer_idx: int):
+    def __init__(self, owner: AquaKVCache, layer_idx: int):
         super().__init__()
         self._owner = weakref.proxy(owner)
         self.layer_idx = layer_idx
-        self.k_hat: torch.Tensor | None = None
-        self.v_hat: torch.Tensor | None = None
+        self.n = 0
+        self._k_hat = self._v_hat = self._keys = self._values = None
         self.raw_k: torch.Tensor | None = None
         self.raw_v: torch.Tensor | None = None
         self.q_end = owner.prefix_tokens
 
     @property
     def n_tokens(self) -> int:
-        return 0 if self.k_hat is None else int(self.k_hat.shape[1])
+        return self.n
+
+    @property
+    def k_hat(self) -> torch.Tensor:
+        return self._k_hat[:, : self.n]
+
+    @property
+    def v_hat(self) -> torch.Tensor:
+        return self._v_hat[:, : self.n]
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError("AquaKVCache does not support cropping")
@@ -108,45 +156,45 @@ class AquaKVLayer(DynamicLayer):
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor, out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Add ``k_new`` (pre-RoPE), ``v_new``: ``[B, T, C]``; return keys/values ``[B, H, N, D]``."""
         o = self._owner
-        n0 = self.n_tokens
-        n1 = n0 + k_new.shape[1]
+        n0, t = self.n, k_new.shape[1]
+        n1 = n0 + t
         k_new, v_new = k_new.float(), v_new.float()
-        k_store, v_store = o.store(k_new), o.store(v_new)
-        if self.k_hat is None:
-            self.k_hat, self.v_hat = k_store, v_store
-            self.raw_k, self.raw_v = k_new[:, :0], v_new[:, :0]
-        else:
-            self.k_hat = torch.cat([self.k_hat, k_store], dim=1)
-            self.v_hat = torch.cat([self.v_hat, v_store], dim=1)
+        self._k_hat = _grow(self._k_hat, 1, n1, k_new)
+        self._v_hat = _grow(self._v_hat, 1, n1, v_new)
+        self._k_hat[:, n0:n1] = o.store(k_new)
+        self._v_hat[:, n0:n1] = o.store(v_new)
+        self.n = n1
         if o.quantizes:
             skip = max(0, o.prefix_tokens - n0)  # new tokens that are sinks are never quantized
-            self.raw_k = torch.cat([self.raw_k, k_new[:, skip:]], dim=1)
-            self.raw_v = torch.cat([self.raw_v, v_new[:, skip:]], dim=1)
+            if self.raw_k is None:
+                self.raw_k, self.raw_v = k_new[:, skip:], v_new[:, skip:]
+            else:
+                self.raw_k = torch.cat([self.raw_k, k_new[:, skip:]], dim=1)
+                self.raw_v = torch.cat([self.raw_v, v_new[:, skip:]], dim=1)
 
         changed = n0
         if o.quantizes:
             end = quantized_end(n1, o.prefix_tokens, o.recent_tokens)
             if end > self.q_end:
                 s, e = self.q_end, end
-                k_q, v_q = o.reconstruct(self.layer_idx, self.raw_k[:, : e - s], self.raw_v[:, : e - s], s, e)
-                self.k_hat[:, s:e], self.v_hat[:, s:e] = k_q, v_q
+                o.reconstruct_into(self, self.raw_k[:, : e - s], self.raw_v[:, : e - s], s, e)
                 self.raw_k, self.raw_v = self.raw_k[:, e - s:], self.raw_v[:, e - s:]
                 self.q_end = e
                 changed = min(changed, s)
 
-        bsz, _, c = self.k_hat.shape
+        bsz, _, c = k_new.shape
         heads, head_dim = o.n_kv_heads, c // o.n_kv_heads
-        k_part = self.k_hat[:, changed:n1].reshape(bsz, n1 - changed, heads, head_dim).transpose(1, 2)
-        v_part = self.v_hat[:, changed:n1].reshape(bsz, n1 - changed, heads, head_dim).transpose(1, 2)
+        m = n1 - changed
+        k_part = self._k_hat[:, changed:n1].reshape(bsz, m, heads, head_dim).transpose(1, 2)
+        v_part = self._v_hat[:, changed:n1].reshape(bsz, m, heads, head_dim).transpose(1, 2)
         k_rot = o.rope(k_part.to(out_dtype), changed, n1)
-        v_part = v_part.to(out_dtype)
-        if self.keys is None or not self.is_initialized:
-            self.device = k_rot.device
-            self.is_initialized = True
-            self.keys, self.values = k_rot.contiguous(), v_part.contiguous()
-        else:
-            self.keys = torch.cat([self.keys[:, :, :changed], k_rot], dim=2)
-            self.values = torch.cat([self.values[:, :, :changed], v_part], dim=2)
+        self._keys = _grow(self._keys, 2, n1, k_rot)
+        self._values = _grow(self._values, 2, n1, k_rot)
+        self._keys[:, :, changed:n1] = k_rot
+        self._values[:, :, changed:n1] = v_part.to(out_dtype)
+        self.device = k_rot.device
+        self.is_initialized = True
+        self.keys, self.values = self._keys[:, :, :n1], self._values[:, :, :n1]
         return self.keys, self.values
 
 
@@ -156,77 +204,109 @@ class AquaKVCache(Cache):
     ``params`` (mode "aqua") may be in either channel order; llama.cpp order is mapped back to
     Hugging Face order with the recipe's permutation flag.  Mode "higgs" takes ``bits`` (and
     optionally ``layer0_bits``); group size defaults to ``quant.choose_group_size(C, head_dim)``.
+
+    ``rows=[dict(mode=..., params=..., bits=...), ...]`` gives every batch row its own
+    configuration instead (same token policy for all): the evaluation runs f16, HIGGS and AQUA-KV
+    side by side in one batch that way, so each weight matrix is read once per step.
     """
 
     def __init__(self, model: nn.Module, *, mode: Mode = "aqua", params: AquaKVParams | None = None,
                  bits: int | None = None, layer0_bits: int | None = None, group_size: int | None = None,
-                 prefix_tokens: int = 4, recent_tokens: int = 128, recipe: Recipe | None = None):
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+                 prefix_tokens: int = 4, recent_tokens: int = 128, recipe: Recipe | None = None,
+                 rows: list[dict[str, Any]] | None = None):
+        specs = rows if rows is not None else [dict(mode=mode, params=params, bits=bits, layer0_bits=layer0_bits)]
+        for s in specs:
+            if s.get("mode", "aqua") not in MODES:
+                raise ValueError(f"mode must be one of {MODES}, got {s.get('mode')!r}")
         config = model.config
         self.recipe = recipe or recipe_for_hf_config(config)
-        self.mode = mode
         self.n_layers = int(config.num_hidden_layers)
         self.n_kv_heads = int(config.num_key_value_heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
-        c = self.n_kv_heads * self.head_dim
         self.prefix_tokens, self.recent_tokens = prefix_tokens, recent_tokens
-        self.params = None
-        self._pred: list[tuple[torch.Tensor, ...] | None] = []
+        self.row_configs = [self._row_config(group_size=group_size, **s) for s in specs]
+        policies = {(r.params.prefix_tokens, r.params.recent_tokens) for r in self.row_configs if r.params is not None}
+        if len(policies) > 1:
+            raise ValueError(f"rows disagree on the token policy (prefix, recent): {sorted(policies)}")
+        if policies:
+            self.prefix_tokens, self.recent_tokens = policies.pop()
+        self.quantizes = any(r.quantizes for r in self.row_configs)
+        first = self.row_configs[0]
+        self.mode, self.params, self.bits = first.mode, first.params, first.bits
+        self.rotary = get_submodule(model, self.recipe.rotary)
+        self.tap = KeyTap.for_model(model, self.recipe)
+        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
+        super().__init__(layers=[AquaKVLayer(self, i) for i in range(self.n_layers)])
+
+    def _row_config(self, *, mode: str = "aqua", params: AquaKVParams | None = None, bits: int | None = None,
+                    layer0_bits: int | None = None, group_size: int | None = None) -> RowConfig:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        c = self.n_kv_heads * self.head_dim
         if mode == "aqua":
             if params is None:
                 raise ValueError("mode 'aqua' needs params (from calibration or read_aqua_gguf)")
             if (params.n_layers, params.n_kv_heads, params.head_dim) != (self.n_layers, self.n_kv_heads, self.head_dim):
                 raise ValueError(f"params are for {params.n_layers} layers x {params.n_kv_heads} x {params.head_dim}, "
                                  f"the model has {self.n_layers} x {self.n_kv_heads} x {self.head_dim}")
-            self.params = params.with_channel_order("hf", permutes_qk=self.recipe.llama_cpp_permutes_qk)
-            self.prefix_tokens, self.recent_tokens = self.params.prefix_tokens, self.params.recent_tokens
-            self.group_size = self.params.group_size
-            self.q = RowQuantizer(self.params.grid, self.group_size)
-            self.q0 = RowQuantizer(self.params.grid0, self.group_size)
-        elif mode == "higgs":
+            hf = params.with_channel_order("hf", permutes_qk=self.recipe.llama_cpp_permutes_qk)
+            return RowConfig("aqua", q=RowQuantizer(hf.grid, hf.group_size), q0=RowQuantizer(hf.grid0, hf.group_size),
+                             params=hf, bits=hf.bits)
+        if mode == "higgs":
             if bits is None:
                 raise ValueError("mode 'higgs' needs bits")
-            self.group_size = int(group_size or quant.choose_group_size(c, self.head_dim))
-            self.q = RowQuantizer(quant.gaussian_grid(bits_to_points(bits, GRID_DIM), dim=GRID_DIM), self.group_size)
-            self.q0 = (RowQuantizer(quant.gaussian_grid(bits_to_points(layer0_bits, GRID_DIM), dim=GRID_DIM), self.group_size)
-                       if layer0_bits else self.q)
-        self.bits = bits if mode == "higgs" else (self.params.bits if self.params else None)
-        self.quantizes = mode in ("higgs", "aqua")
-        self.rotary = get_submodule(model, self.recipe.rotary)
-        self.tap = KeyTap.for_model(model, self.recipe)
-        self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
-        super().__init__(layers=[AquaKVLayer(self, i) for i in range(self.n_layers)])
+            group = int(group_size or quant.choose_group_size(c, self.head_dim))
+            q = RowQuantizer(quant.gaussian_grid(bits_to_points(bits, GRID_DIM), dim=GRID_DIM), group)
+            q0 = (RowQuantizer(quant.gaussian_grid(bits_to_points(layer0_bits, GRID_DIM), dim=GRID_DIM), group)
+                  if layer0_bits else q)
+            return RowConfig("higgs", q=q, q0=q0, bits=bits)
+        return RowConfig(mode)
+
+    def _row_groups(self, bsz: int) -> list[tuple[RowConfig, list[int]]]:
+        """Rows sharing one configuration, so each is processed as one batch."""
+        if len(self.row_configs) == 1:
+            return [(self.row_configs[0], list(range(bsz)))]
+        if len(self.row_configs) != bsz:
+            raise ValueError(f"the cache has {len(self.row_configs)} row configurations, the batch has {bsz} rows")
+        groups: dict[int, tuple[RowConfig, list[int]]] = {}
+        for i, cfg in enumerate(self.row_configs):
+            groups.setdefault(id(cfg), (cfg, []))[1].append(i)
+        return list(groups.values())
 
     # -- storage and reconstruction -------------------------------------------------------------
     def store(self, x: torch.Tensor) -> torch.Tensor:
-        """How an unquantized token is kept: exact in mode "off", f16 otherwise."""
-        return x.clone() if self.mode == "off" else x.to(torch.float16).to(torch.float32)
+        """How unquantized tokens ``[B, T, C]`` are kept: exact in mode "off", f16 otherwise."""
+        out = x.to(torch.float16).to(torch.float32)
+        for cfg, rows in self._row_groups(x.shape[0]):
+            if cfg.mode == "off":
+                out[rows] = x[rows]
+        return out
 
-    def _predictors(self, layer: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-        while len(self._pred) <= layer:
-            self._pred.append(None)
-        if self._pred[layer] is None or self._pred[layer][0].device != device:
-            p = self.params.predictors[layer]
-            self._pred[layer] = tuple(torch.as_tensor(np.asarray(a, dtype=np.float32), device=device)
-                                      for a in (p.k_weight, p.k_bias, p.v_weight_k, p.v_weight_v, p.v_bias))
-        return self._pred[layer]
+    def reconstruct_into(self, layer: AquaKVLayer, k: torch.Tensor, v: torch.Tensor, start: int, end: int) -> None:
+        """Write the quantized representation of positions ``[start, end)`` into ``layer``'s k_hat/v_hat.
 
-    def reconstruct(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int, end: int
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Quantized representation of positions ``[start, end)``: k, v ``[B, end-start, C]`` exact values."""
-        if self.mode == "higgs":
-            q = self.q0 if layer == 0 else self.q
+        k, v: ``[B, end-start, C]`` exact values.  Rows in f16/off mode keep their stored values.
+        """
+        for cfg, rows in self._row_groups(k.shape[0]):
+            if not cfg.quantizes:
+                continue
+            idx = torch.tensor(rows, device=k.device)
+            k_hat, v_hat = self._reconstruct(cfg, layer.layer_idx, k[idx], v[idx], idx, start, end)
+            layer._k_hat[idx, start:end] = k_hat
+            layer._v_hat[idx, start:end] = v_hat
+
+    def _reconstruct(self, cfg: RowConfig, layer: int, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
+                     start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if cfg.mode == "higgs" or layer == 0:
+            q = cfg.q0 if layer == 0 else cfg.q
             return q(k), q(v)
-        if layer == 0:
-            return self.q0(k), self.q0(v)
         prev = self.layers[layer - 1]
         if prev.q_end < end:
             raise RuntimeError(f"layer {layer - 1} has not quantized positions up to {end}: layers out of order")
-        k_prev, v_prev = prev.k_hat[:, start:end], prev.v_hat[:, start:end]
-        a_w, a_b, b_k, b_v, b_b = self._predictors(layer, k.device)
-        k_hat = residual_quantize(k, predict_keys(k_prev, a_w, a_b), self.q)
-        v_hat = residual_quantize(v, predict_values(k_hat, v_prev, b_k, b_v, b_b), self.q)
+        k_prev, v_prev = prev.k_hat[idx, start:end], prev.v_hat[idx, start:end]
+        a_w, a_b, b_k, b_v, b_b = cfg.predictors(layer, k.device)
+        k_hat = residual_quantize(k, predict_keys(k_prev, a_w, a_b), cfg.q)
+        v_hat = residual_quantize(v, predict_values(k_hat, v_prev, b_k, b_v, b_b), cfg.q)
         return k_hat, v_hat
 
     def rope(self, k: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -244,7 +324,7 @@ class AquaKVCache(Cache):
     # -- transformers Cache API -----------------------------------------------------------------
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """key_states (post-RoPE, unused but for shapes)/value_states: ``[B, H, T, D]``."""
+        """key_states (post-RoPE, used for shapes only)/value_states: ``[B, H, T, D]``."""
         k_pre = self.tap.take(layer_idx)
         bsz, heads, t, d = key_states.shape
         if k_pre.shape != (bsz, t, heads * d):
@@ -257,7 +337,7 @@ class AquaKVCache(Cache):
         """Drop the cached tensors (the model's key tap is shared and stays)."""
         self.layers = []
 
-    def __enter__(self) -> "AquaKVCache":
+    def __enter__(self) -> AquaKVCache:
         return self
 
     def __exit__(self, *exc: object) -> None:

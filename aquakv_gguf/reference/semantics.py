@@ -8,7 +8,7 @@ and predictions are ``x @ W.T + b`` (= ``W @ x + b`` per token).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

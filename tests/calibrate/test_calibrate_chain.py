@@ -9,8 +9,15 @@ import pytest
 import torch
 
 from aquakv_gguf import quant
-from aquakv_gguf.calibrate import (CalibrationTextError, LayerwiseRunner, RowQuantizer, calibrate,
-                                   key_value_modules, make_sequences, recipe_for_hf_config)
+from aquakv_gguf.calibrate import (
+    CalibrationTextError,
+    LayerwiseRunner,
+    RowQuantizer,
+    calibrate,
+    key_value_modules,
+    make_sequences,
+    recipe_for_hf_config,
+)
 from aquakv_gguf.calibrate.ridge import fit_ridge
 from aquakv_gguf.reference.semantics import predict_keys, predict_values
 
@@ -37,7 +44,7 @@ def full_forward_kv(model, recipe, ids: torch.Tensor) -> list[tuple[torch.Tensor
         model(input_ids=ids, use_cache=False)
     for h in handles:
         h.remove()
-    c = lambda t: t.reshape(t.shape[0] * t.shape[1], -1)  # noqa: E731
+    c = lambda t: t.reshape(t.shape[0] * t.shape[1], -1)
     return [(c(got[i]["k"]), c(got[i]["v"])) for i in range(len(got))]
 
 
@@ -101,7 +108,7 @@ def test_chain_inputs_are_reconstructions(tiny_hf_factory) -> None:
         t = {n: torch.from_numpy(getattr(pred, n)) for n in ("k_weight", "k_bias", "v_weight_k", "v_weight_v", "v_bias")}
         p = predict_keys(k_prev, t["k_weight"], t["k_bias"])
         k_hat = p + q(k - p)
-        b_w, b_b = fit_ridge(torch.cat([k_hat, v_prev], 1)[train], v[train], reg=recipe.reg)
+        b_w, _b_b = fit_ridge(torch.cat([k_hat, v_prev], 1)[train], v[train], reg=recipe.reg)
         np.testing.assert_allclose(b_w[:, :128].half().float().numpy(), pred.v_weight_k, atol=2e-3, rtol=1e-2)
         np.testing.assert_allclose(b_w[:, 128:].half().float().numpy(), pred.v_weight_v, atol=2e-3, rtol=1e-2)
         qv = predict_values(k_hat, v_prev, t["v_weight_k"], t["v_weight_v"], t["v_bias"])

@@ -6,8 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from aquakv_gguf.calibrate import (UnsupportedModelError, all_recipes, load_recipe, recipe_for_gguf_arch,
-                                   recipe_for_hf_config)
+from aquakv_gguf.calibrate import (
+    UnsupportedModelError,
+    all_recipes,
+    load_recipe,
+    recipe_for_gguf_arch,
+    recipe_for_hf_config,
+)
 
 
 def test_every_family_has_a_recipe() -> None:

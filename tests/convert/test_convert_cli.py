@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from aquakv_gguf.convert import convert, format_summary, main
-from aquakv_gguf.gguf_io import RawGGUF, read_aqua_gguf
-from aquakv_gguf.gguf_io import names
+from aquakv_gguf.gguf_io import RawGGUF, names, read_aqua_gguf
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
         "must be in want of a wife. However little known the feelings or views of such a man may be "
@@ -95,9 +94,12 @@ def test_hf_input_matches_the_gguf_path(tiny_llama_hf: Path, tiny_llama_gguf: Pa
     out = tmp_path / "hf.aqua.gguf"
     out.write_bytes(b"old")
     rc = main([str(tiny_llama_hf), "--out", str(out), "--outtype", "f32", "--calib-text", str(calib_file),
-               "--force", *SMALL])
+               "--force", "--also", f"3:{tmp_path / 'hf3.aqua.gguf'}", *SMALL])
     assert rc == 0, capsys.readouterr().err
-    assert "wrote" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "wrote" in printed and "also wrote" in printed
+    three = read_aqua_gguf(tmp_path / "hf3.aqua.gguf")
+    assert three.grid.shape == (64, 2) and three.calibration["bits"] == 3
     assert_original_part_identical(tiny_llama_gguf, out)
     # transformers' GGUF loader undoes llama.cpp's Q/K permutation, so the GGUF path calibrates in
     # Hugging Face order like the folder path; both then permute once.  Were either path off by a
@@ -109,7 +111,7 @@ def test_hf_input_matches_the_gguf_path(tiny_llama_hf: Path, tiny_llama_gguf: Pa
                                        atol=2e-3, err_msg=name)
     twice = gg.with_channel_order("hf", permutes_qk=True).predictors[1].k_weight.astype(np.float32)
     assert not np.allclose(hf.predictors[1].k_weight.astype(np.float32), twice, atol=2e-3)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf.aqua.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf.aqua.gguf", "hf3.aqua.gguf"]
 
 
 def run_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -167,8 +169,9 @@ def test_gguf_whose_architecture_or_dims_do_not_match(tiny_llama_gguf: Path, tmp
     dims = gguf_edit(tiny_llama_gguf, tmp_path / "dims.gguf", set_fields={"llama.attention.head_count_kv": 4})
     assert "attn_k.weight has GGUF shape" in run_error([str(dims), "--out", str(out), *SMALL], capsys)
     swa = tmp_path / "swa.gguf"
-    from aquakv_gguf.gguf_io.rawgguf import rewrite
     from gguf import GGUFValueType
+
+    from aquakv_gguf.gguf_io.rawgguf import rewrite
 
     rewrite(RawGGUF(tiny_llama_gguf), swa, add_fields=[("llama.attention.sliding_window", 256, GGUFValueType.UINT32, None)])
     assert "sliding-window" in run_error([str(swa), "--out", str(out), *SMALL], capsys)

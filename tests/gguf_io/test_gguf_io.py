@@ -8,9 +8,15 @@ import numpy as np
 import pytest
 from gguf import GGUFReader
 
-from aquakv_gguf.gguf_io import (AquaKVFormatError, AquaKVParams, LayerPredictor, llama_cpp_key_permutation,
-                                 read_aqua_gguf, write_aqua_gguf)
-from aquakv_gguf.gguf_io import names
+from aquakv_gguf.gguf_io import (
+    AquaKVFormatError,
+    AquaKVParams,
+    LayerPredictor,
+    llama_cpp_key_permutation,
+    names,
+    read_aqua_gguf,
+    write_aqua_gguf,
+)
 from aquakv_gguf.gguf_io.rawgguf import RawGGUF
 
 N_LAYERS, N_KV, HEAD_DIM = 2, 2, 64  # the tiny_llama fixture

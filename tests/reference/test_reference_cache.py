@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from aquakv_gguf.calibrate import RowQuantizer, calibrate, key_value_modules, make_sequences, recipe_for_hf_config
-from aquakv_gguf.eval.reference_eval import stepwise_logits
+from aquakv_gguf.eval.reference_eval import forward_with_cache, stepwise_logits
 from aquakv_gguf.reference import AquaKVCache, bits_per_value, quantized_end
 from aquakv_gguf.reference.semantics import predict_keys, predict_values
 
@@ -102,7 +102,7 @@ def test_reconstruction_follows_the_chain(calibrated) -> None:
     cache = AquaKVCache(model, mode="aqua", params=params)
     try:
         with torch.no_grad():
-            model(input_ids=ids_of(140, seed=2), cache=cache, use_cache=True)
+            forward_with_cache(model, ids_of(140, seed=2), cache)
     finally:
         for h in handles:
             h.remove()
@@ -146,3 +146,14 @@ def test_bits_per_value_accounting() -> None:
     got = bits_per_value(8192, group_size=64, n_points=16, n_points0=256, **common)
     assert got == pytest.approx(want)
     assert 2.25 < got < 2.8
+
+
+def test_rows_with_different_modes_match_separate_caches(calibrated) -> None:
+    """One batch whose rows use f16, HIGGS and AQUA-KV equals three single-mode runs."""
+    model, params = calibrated
+    ids = ids_of(200, seed=5)
+    rows = [dict(mode="f16"), dict(mode="higgs", bits=3), dict(mode="aqua", params=params)]
+    batched = stepwise_logits(model, ids.expand(3, -1), AquaKVCache(model, rows=rows), step=32)
+    for i, row in enumerate(rows):
+        alone = stepwise_logits(model, ids, AquaKVCache(model, **row), step=32)
+        torch.testing.assert_close(batched[i:i + 1], alone, rtol=1e-4, atol=1e-4)
