@@ -51,4 +51,5 @@ def write_section(name: str, title: str, body: str, *, command: str | None = Non
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".RESULTS-")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; RESULTS.md is a normal, readable file
     os.replace(tmp, path)
