@@ -31,7 +31,7 @@ from aquakv_gguf.reference.semantics import predict_keys, predict_values, residu
 
 from .capture import LayerwiseRunner
 from .errors import CalibrationTextError
-from .quantizer import RowQuantizer, bits_to_points
+from .quantizer import RowQuantizer, bits_to_points, key_quantizer
 from .recipes import Recipe
 from .ridge import ErrorAccumulator, RidgeAccumulator
 
@@ -92,8 +92,8 @@ def _round_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class _Chain:
     """Reconstruction state of one bit width: k̂_{l-1}, v̂_{l-1} ``[N, C]`` and the fitted layers."""
 
-    def __init__(self, bits: int, grid: np.ndarray, quantizer: RowQuantizer):
-        self.bits, self.grid, self.q = bits, grid, quantizer
+    def __init__(self, bits: int, grid: np.ndarray, quantizer: RowQuantizer, key_q):
+        self.bits, self.grid, self.q, self.qk = bits, grid, quantizer, key_q
         self.k_prev: torch.Tensor | None = None
         self.v_prev: torch.Tensor | None = None
         self.predictors: list[LayerPredictor | None] = []
@@ -138,10 +138,13 @@ def calibrate(model: nn.Module, recipe: Recipe, input_ids: torch.Tensor, heldout
 
     grid0 = quant.gaussian_grid(bits_to_points(LAYER0_BITS, GRID_DIM), dim=GRID_DIM)
     q0 = RowQuantizer(grid0, group)
+    permutes = recipe.llama_cpp_permutes_qk
+    q0k = key_quantizer(q0, n_kv, head_dim, permutes)  # keys in llama.cpp channel order
     chains = []
     for b in bits:
         grid = quant.gaussian_grid(bits_to_points(b, GRID_DIM), dim=GRID_DIM)
-        chains.append(_Chain(b, grid, RowQuantizer(grid, group)))
+        q = RowQuantizer(grid, group)
+        chains.append(_Chain(b, grid, q, key_quantizer(q, n_kv, head_dim, permutes)))
 
     runner = LayerwiseRunner(model, recipe, input_ids, batch_size=batch_size or recipe.calib_batch_size, device=device)
     if runner.n_layers != n_layers:
@@ -158,7 +161,7 @@ def calibrate(model: nn.Module, recipe: Recipe, input_ids: torch.Tensor, heldout
         if layer == 0:
             # Layer 0 is the same for every bit width (4-bit grid0, no predictor): quantize once.
             t1 = time.perf_counter()
-            k0_hat, v0_hat = q0(k), q0(v)
+            k0_hat, v0_hat = q0k(k), q0(v)
             timings["quantize"] += time.perf_counter() - t1
         for ch in chains:
             if layer == 0:
@@ -250,7 +253,7 @@ def _fit_layer(ch: _Chain, k: torch.Tensor, v: torch.Tensor, train_rows: torch.T
     p = _predict(a_w, a_b, ch.k_prev)
     timings["fit"] += time.perf_counter() - t0
     t0 = time.perf_counter()
-    k_hat = residual_quantize(k, p, ch.q)
+    k_hat = residual_quantize(k, p, ch.qk)
     timings["quantize"] += time.perf_counter() - t0
     k_pred_err = _rel(k, p, held_rows)
     del p

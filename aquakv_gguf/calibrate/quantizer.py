@@ -187,3 +187,31 @@ class RowQuantizer:
         for s in range(0, rows.shape[0], step):
             out[s:s + step] = self.decode(*self.encode(rows[s:s + step]))
         return out.reshape(shape)
+
+
+class KeyOrderQuantizer:
+    """A row quantizer applied in llama.cpp's key-channel order: ``x ↦ Pᵀ·q(P·x)``.
+
+    Keys are quantized in the order the GGUF and the native cache hold them: for Llama-family
+    models convert_hf_to_gguf.py permutes each head's K rows (``k_llama = k_hf[perm]``, see
+    ``gguf_io.llama_cpp_key_permutation``), and the Hadamard groups of the quantizer are not
+    invariant under that permutation. The calibration and the reference cache work in Hugging Face
+    order, so they quantize keys through this wrapper to reproduce the native codes exactly.
+    """
+
+    def __init__(self, quantizer: RowQuantizer, perm: np.ndarray):
+        self.q = quantizer
+        self.perm = torch.as_tensor(np.asarray(perm), dtype=torch.long)
+        self.inv = torch.argsort(self.perm)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        perm, inv = self.perm.to(x.device), self.inv.to(x.device)
+        return self.q(x.index_select(-1, perm)).index_select(-1, inv)
+
+
+def key_quantizer(quantizer: RowQuantizer, n_kv_heads: int, head_dim: int, permutes_qk: bool):
+    """The quantizer for keys of a model whose recipe has ``llama_cpp_permutes_qk`` (else ``quantizer``)."""
+    if not permutes_qk:
+        return quantizer
+    from aquakv_gguf.gguf_io.params import llama_cpp_key_permutation
+    return KeyOrderQuantizer(quantizer, llama_cpp_key_permutation(n_kv_heads, head_dim))

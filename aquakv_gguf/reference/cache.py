@@ -32,7 +32,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from aquakv_gguf import quant
 from aquakv_gguf.calibrate.capture import flatten_channels, get_submodule, key_value_modules
 from aquakv_gguf.calibrate.chain import GRID_DIM
-from aquakv_gguf.calibrate.quantizer import RowQuantizer, bits_to_points
+from aquakv_gguf.calibrate.quantizer import RowQuantizer, bits_to_points, key_quantizer
 from aquakv_gguf.calibrate.recipes import Recipe, recipe_for_hf_config
 from aquakv_gguf.gguf_io.params import AquaKVParams
 
@@ -101,6 +101,9 @@ class RowConfig:
     q: RowQuantizer | None = None
     q0: RowQuantizer | None = None
     params: AquaKVParams | None = None
+    # the same quantizers for keys, applied in llama.cpp's channel order (calibrate.quantizer.key_quantizer)
+    qk: Any = None
+    q0k: Any = None
     bits: float | None = None
     _pred: dict[tuple[int, torch.device], tuple[torch.Tensor, ...]] = field(default_factory=dict)
 
@@ -123,7 +126,7 @@ class AquaKVLayer(DynamicLayer):
 
     k_hat, v_hat: ``[B, N, C]`` float32 pre-RoPE representation attention sees (f16-rounded sinks
     and window, reconstructions for quantized chunks); raw_k, raw_v: ``[B, N - q_end, C]`` the
-    exact values of the not-yet-quantized tokens after the sinks; keys/values (returned to
+    stored (f16-rounded) values of the not-yet-quantized tokens after the sinks; keys/values (returned to
     attention): ``[B, H, N, D]`` in the model's dtype, keys with RoPE applied.  All four live in
     buffers that double in capacity, so a step costs O(new tokens), not O(N).
     """
@@ -161,16 +164,19 @@ class AquaKVLayer(DynamicLayer):
         k_new, v_new = k_new.float(), v_new.float()
         self._k_hat = _grow(self._k_hat, 1, n1, k_new)
         self._v_hat = _grow(self._v_hat, 1, n1, v_new)
-        self._k_hat[:, n0:n1] = o.store(k_new)
-        self._v_hat[:, n0:n1] = o.store(v_new)
+        k_stored, v_stored = o.store(k_new), o.store(v_new)
+        self._k_hat[:, n0:n1] = k_stored
+        self._v_hat[:, n0:n1] = v_stored
         self.n = n1
         if o.quantizes:
+            # A chunk is quantized from what the window holds: the f16 values (as the native cache
+            # does; a token quantized on arrival is rounded the same way).
             skip = max(0, o.prefix_tokens - n0)  # new tokens that are sinks are never quantized
             if self.raw_k is None:
-                self.raw_k, self.raw_v = k_new[:, skip:], v_new[:, skip:]
+                self.raw_k, self.raw_v = k_stored[:, skip:], v_stored[:, skip:]
             else:
-                self.raw_k = torch.cat([self.raw_k, k_new[:, skip:]], dim=1)
-                self.raw_v = torch.cat([self.raw_v, v_new[:, skip:]], dim=1)
+                self.raw_k = torch.cat([self.raw_k, k_stored[:, skip:]], dim=1)
+                self.raw_v = torch.cat([self.raw_v, v_stored[:, skip:]], dim=1)
 
         changed = n0
         if o.quantizes:
@@ -250,8 +256,8 @@ class AquaKVCache(Cache):
                 raise ValueError(f"params are for {params.n_layers} layers x {params.n_kv_heads} x {params.head_dim}, "
                                  f"the model has {self.n_layers} x {self.n_kv_heads} x {self.head_dim}")
             hf = params.with_channel_order("hf", permutes_qk=self.recipe.llama_cpp_permutes_qk)
-            return RowConfig("aqua", q=RowQuantizer(hf.grid, hf.group_size), q0=RowQuantizer(hf.grid0, hf.group_size),
-                             params=hf, bits=hf.bits)
+            q, q0 = RowQuantizer(hf.grid, hf.group_size), RowQuantizer(hf.grid0, hf.group_size)
+            return RowConfig("aqua", q=q, q0=q0, qk=self._key_q(q), q0k=self._key_q(q0), params=hf, bits=hf.bits)
         if mode == "higgs":
             if bits is None:
                 raise ValueError("mode 'higgs' needs bits")
@@ -259,8 +265,12 @@ class AquaKVCache(Cache):
             q = RowQuantizer(quant.gaussian_grid(bits_to_points(bits, GRID_DIM), dim=GRID_DIM), group)
             q0 = (RowQuantizer(quant.gaussian_grid(bits_to_points(layer0_bits, GRID_DIM), dim=GRID_DIM), group)
                   if layer0_bits else q)
-            return RowConfig("higgs", q=q, q0=q0, bits=bits)
+            return RowConfig("higgs", q=q, q0=q0, qk=self._key_q(q), q0k=self._key_q(q0), bits=bits)
         return RowConfig(mode)
+
+    def _key_q(self, q: RowQuantizer):
+        """``q`` for keys: in llama.cpp channel order when the recipe permutes Q/K (as the native cache sees them)."""
+        return key_quantizer(q, self.n_kv_heads, self.head_dim, self.recipe.llama_cpp_permutes_qk)
 
     def _row_groups(self, bsz: int) -> list[tuple[RowConfig, list[int]]]:
         """Rows sharing one configuration, so each is processed as one batch."""
@@ -298,14 +308,14 @@ class AquaKVCache(Cache):
     def _reconstruct(self, cfg: RowConfig, layer: int, k: torch.Tensor, v: torch.Tensor, idx: torch.Tensor,
                      start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         if cfg.mode == "higgs" or layer == 0:
-            q = cfg.q0 if layer == 0 else cfg.q
-            return q(k), q(v)
+            q, qk = (cfg.q0, cfg.q0k) if layer == 0 else (cfg.q, cfg.qk)
+            return qk(k), q(v)
         prev = self.layers[layer - 1]
         if prev.q_end < end:
             raise RuntimeError(f"layer {layer - 1} has not quantized positions up to {end}: layers out of order")
         k_prev, v_prev = prev.k_hat[idx, start:end], prev.v_hat[idx, start:end]
         a_w, a_b, b_k, b_v, b_b = cfg.predictors(layer, k.device)
-        k_hat = residual_quantize(k, predict_keys(k_prev, a_w, a_b), cfg.q)
+        k_hat = residual_quantize(k, predict_keys(k_prev, a_w, a_b), cfg.qk)
         v_hat = residual_quantize(v, predict_values(k_hat, v_prev, b_k, b_v, b_b), cfg.q)
         return k_hat, v_hat
 

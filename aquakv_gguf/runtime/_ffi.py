@@ -50,6 +50,13 @@ int32_t aquakv_detokenize(const struct llama_vocab * vocab, const llama_token * 
 int32_t aquakv_decode(struct llama_context * ctx, const llama_token * tokens, const llama_pos * pos,
                       const llama_seq_id * seq_ids, const int8_t * want_logits, int32_t n_tokens);
 
+int64_t aquakv_op_row_bytes(int32_t n_channels, int32_t group_size, int32_t grid_dim, int32_t grid_size);
+int32_t aquakv_op_encode(const float * x, int64_t n_rows, int32_t n_channels, const float * grid, int32_t grid_size,
+                         int32_t grid_dim, int32_t group_size, int32_t n_threads, uint8_t * out);
+int32_t aquakv_op_decode(const uint8_t * rows, int64_t n_rows, int32_t n_channels, const float * grid,
+                         int32_t grid_size, int32_t grid_dim, int32_t group_size, int32_t n_threads, float * out);
+int32_t aquakv_context_cache_info(const struct llama_context * ctx, int64_t * out);
+
 void llama_model_free(struct llama_model * model);
 void llama_free(struct llama_context * ctx);
 

@@ -174,6 +174,18 @@ class Context(NativeHandle):
         """Empty the KV cache (all sequences)."""
         self._lib.llama_memory_clear(self._memory(), True)
 
+    def cache_info(self) -> dict[str, int] | None:
+        """Sizes of the AQUA-KV cache, or None when this context uses an ordinary cache.
+
+        Keys: ``codes_bytes`` (packed codes and f16 scales), ``window_bytes`` (f16 sinks and
+        recent tokens), ``cells`` (per stream), ``streams``, ``window_slots`` (per stream).
+        """
+        out = ffi.new("int64_t[5]")
+        if not self._lib.aquakv_context_cache_info(self.handle, out):
+            return None
+        keys = ("codes_bytes", "window_bytes", "cells", "streams", "window_slots")
+        return {k: int(out[i]) for i, k in enumerate(keys)}
+
     def _memory(self):
         self.handle  # raises when closed
         return self._mem

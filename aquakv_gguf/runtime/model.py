@@ -52,18 +52,25 @@ class Model(NativeHandle):
     """A GGUF model loaded by the patched libllama.
 
     Use as a context manager (or call :meth:`close`) to free it deterministically;
-    closing a model closes the contexts created from it first.
+    closing a model closes the contexts created from it first. ``aquakv``: None keeps the file's
+    choice (a model.aqua.gguf gets the AQUA-KV cache), False gives an ordinary cache, True asks
+    for AQUA-KV (an error for a file without AQUA-KV data only when a context is created).
     """
 
     _kind = "model"
 
     def __init__(self, path: str | os.PathLike[str], *, n_gpu_layers: int = 0, use_mmap: bool = True,
-                 vocab_only: bool = False, kv_overrides: Mapping[str, KvValue] | None = None) -> None:
+                 vocab_only: bool = False, kv_overrides: Mapping[str, KvValue] | None = None,
+                 aquakv: bool | None = None) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"model file not found: {self.path}")
         self._lib = lib()
-        overrides = format_kv_overrides(kv_overrides or {})
+        overrides_map = dict(kv_overrides or {})
+        if aquakv is not None:
+            # the same switch as the tools' --override-kv aquakv.enabled=bool:false
+            overrides_map["aquakv.enabled"] = bool(aquakv)
+        overrides = format_kv_overrides(overrides_map)
         self._lib.aquakv_log_clear()
         handle = self._lib.aquakv_model_load(str(self.path).encode(), n_gpu_layers, use_mmap, vocab_only,
                                              overrides.encode() if overrides else ffi.NULL)

@@ -59,6 +59,24 @@ LLAMA_API int32_t aquakv_detokenize(
         const struct llama_vocab * vocab, const llama_token * tokens, int32_t n_tokens, char * text,
         int32_t text_len_max, bool remove_special, bool unparse_special);
 
+// The AQUA-KV ggml ops run alone on the CPU backend, for tests against the torch quantizer.
+// Row layout: native/include/aquakv-ops.h. grid: [grid_size, grid_dim] row-major f32.
+// aquakv_op_row_bytes returns the packed row size, or -1 for an invalid combination.
+// encode: x [n_rows, n_channels] f32 -> out [n_rows, row_bytes]; decode: rows -> out
+// [n_rows, n_channels] f32. Both return 0, or -1 (logged) on invalid parameters.
+LLAMA_API int64_t aquakv_op_row_bytes(int32_t n_channels, int32_t group_size, int32_t grid_dim, int32_t grid_size);
+LLAMA_API int32_t aquakv_op_encode(
+        const float * x, int64_t n_rows, int32_t n_channels, const float * grid, int32_t grid_size,
+        int32_t grid_dim, int32_t group_size, int32_t n_threads, uint8_t * out);
+LLAMA_API int32_t aquakv_op_decode(
+        const uint8_t * rows, int64_t n_rows, int32_t n_channels, const float * grid, int32_t grid_size,
+        int32_t grid_dim, int32_t group_size, int32_t n_threads, float * out);
+
+// 1 when the context's memory is the AQUA-KV cache, 0 otherwise. When it is and out is not
+// NULL: out[0] = bytes of codes + scales, out[1] = bytes of the f16 window, out[2] = cells per
+// stream, out[3] = streams, out[4] = window slots per stream.
+LLAMA_API int32_t aquakv_context_cache_info(const struct llama_context * ctx, int64_t * out);
+
 #ifdef __cplusplus
 }
 #endif

@@ -32,6 +32,7 @@ struct aquakv_model_data {
     uint32_t prefix_tokens = 0;  // P: attention-sink tokens kept in f16
     uint32_t recent_tokens = 0;  // W: recent tokens kept in f16 until a chunk is quantized
     uint32_t n_channels    = 0;  // C
+    bool     enabled       = true;  // aquakv.enabled (override) / AQUAKV_ENABLED: use the AQUA-KV cache
 
     ggml_tensor * grid  = nullptr;  // [d, n] f32
     ggml_tensor * grid0 = nullptr;  // [d, n0] f32

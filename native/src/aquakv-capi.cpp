@@ -229,6 +229,28 @@ struct llama_context * aquakv_context_new(
         params.flash_attn_type = (enum llama_flash_attn_type) flash_attn;
         params.kv_unified      = kv_unified;
         params.offload_kqv     = offload_kqv;
+        if (const char * dir = std::getenv("AQUAKV_DEBUG_DUMP_DIR")) {
+            // debugging aid: every computed tensor whose name starts with "aquakv_" is appended to
+            // DIR/<name>.f32 (float32 rows), so the native reconstructions can be compared with the
+            // torch reference's
+            static std::string dump_dir;
+            dump_dir = dir;
+            params.cb_eval = [](struct ggml_tensor * t, bool ask, void *) -> bool {
+                const bool wanted = std::strncmp(t->name, "aquakv_", 7) == 0 && std::strchr(t->name, ' ') == nullptr &&
+                                    t->type == GGML_TYPE_F32 && ggml_is_contiguous(t);
+                if (ask || !wanted) {
+                    return wanted;
+                }
+                std::vector<float> buf(ggml_nelements(t));
+                ggml_backend_tensor_get(t, buf.data(), 0, ggml_nbytes(t));
+                FILE * f = std::fopen((dump_dir + "/" + t->name + ".f32").c_str(), "ab");
+                if (f) {
+                    std::fwrite(buf.data(), sizeof(float), buf.size(), f);
+                    std::fclose(f);
+                }
+                return true;
+            };
+        }
         return llama_init_from_model(model, params);
     } catch (const std::exception & e) {
         aquakv_log_error(std::string("aquakv: context creation failed: ") + e.what());

@@ -7,6 +7,7 @@
 #include "llama-model-loader.h"
 #include "llama-model.h"
 
+#include <cstdlib>
 #include <memory>
 #include <stdexcept>
 
@@ -27,8 +28,9 @@ bool is_power_of_two(uint32_t x) {
 } // namespace
 
 std::string aquakv_model_data::describe() const {
-    return format("AQUA-KV v%u: %u-point grid (layer 0: %u) in R^%u, group %u, C = %u, %u sink + %u recent f16 tokens",
-                  version, grid_size, grid0_size, grid_dim, group_size, n_channels, prefix_tokens, recent_tokens);
+    return format("AQUA-KV v%u: %u-point grid (layer 0: %u) in R^%u, group %u, C = %u, %u sink + %u recent f16 tokens, cache %s",
+                  version, grid_size, grid0_size, grid_dim, group_size, n_channels, prefix_tokens, recent_tokens,
+                  enabled ? "on" : "off (aquakv.enabled / AQUAKV_ENABLED)");
 }
 
 aquakv_model_data * aquakv_load_model_data(llama_model_base & model) {
@@ -52,6 +54,32 @@ aquakv_model_data * aquakv_load_model_data(llama_model_base & model) {
     data->group_size    = get_u32(ml, "aquakv.group_size");
     data->prefix_tokens = get_u32(ml, "aquakv.prefix_tokens");
     data->recent_tokens = get_u32(ml, "aquakv.recent_tokens");
+
+    // --override-kv aquakv.enabled=bool:false turns the cache off (the tensors still load);
+    // AQUAKV_ENABLED=0/1 in the environment wins, for tools without --override-kv (llama-bench)
+    bool enabled = true;
+    if (auto it = ml.kv_overrides.find("aquakv.enabled"); it != ml.kv_overrides.end()) {
+        if (it->second.tag != LLAMA_KV_OVERRIDE_TYPE_BOOL) {
+            throw std::runtime_error("aquakv: --override-kv aquakv.enabled must be a bool (aquakv.enabled=bool:false)");
+        }
+        enabled = it->second.val_bool;
+    } else if (const int64_t id = gguf_find_key(ml.metadata, "aquakv.enabled"); id >= 0) {
+        if (gguf_get_kv_type(ml.metadata, id) != GGUF_TYPE_BOOL) {
+            throw std::runtime_error("aquakv: the file's aquakv.enabled is not a bool");
+        }
+        enabled = gguf_get_val_bool(ml.metadata, id);
+    }
+    if (const char * env = std::getenv("AQUAKV_ENABLED")) {
+        const std::string v(env);
+        if (v == "0" || v == "false" || v == "off") {
+            enabled = false;
+        } else if (v == "1" || v == "true" || v == "on") {
+            enabled = true;
+        } else if (!v.empty()) {
+            throw std::runtime_error("aquakv: AQUAKV_ENABLED must be 0/1, true/false or on/off, got '" + v + "'");
+        }
+    }
+    data->enabled = enabled;
 
     const auto & hp = model.hparams;
     const uint32_t n_layer = hp.n_layer();

@@ -18,6 +18,7 @@ from aquakv_gguf.calibrate import (
     make_sequences,
     recipe_for_hf_config,
 )
+from aquakv_gguf.calibrate.quantizer import key_quantizer
 from aquakv_gguf.calibrate.ridge import fit_ridge
 from aquakv_gguf.reference.semantics import predict_keys, predict_values
 
@@ -98,7 +99,9 @@ def test_chain_inputs_are_reconstructions(tiny_hf_factory) -> None:
     train = (pos >= 4) & ~seqs.heldout.repeat_interleave(128)
     q0 = RowQuantizer(params.grid0, params.group_size)
     q = RowQuantizer(params.grid, params.group_size)
-    k_prev, v_prev = q0(kv[0][0]), q0(kv[0][1])
+    # keys are quantized in llama.cpp's channel order (the native cache's), values as they are
+    q0k, qk = (key_quantizer(x, 2, 64, recipe.llama_cpp_permutes_qk) for x in (q0, q))
+    k_prev, v_prev = q0k(kv[0][0]), q0(kv[0][1])
     for layer in (1, 2):
         k, v = kv[layer]
         pred = params.predictors[layer]
@@ -107,7 +110,7 @@ def test_chain_inputs_are_reconstructions(tiny_hf_factory) -> None:
         np.testing.assert_allclose(a_b.numpy(), pred.k_bias, atol=1e-3, rtol=1e-3)
         t = {n: torch.from_numpy(getattr(pred, n)) for n in ("k_weight", "k_bias", "v_weight_k", "v_weight_v", "v_bias")}
         p = predict_keys(k_prev, t["k_weight"], t["k_bias"])
-        k_hat = p + q(k - p)
+        k_hat = p + qk(k - p)
         b_w, _b_b = fit_ridge(torch.cat([k_hat, v_prev], 1)[train], v[train], reg=recipe.reg)
         np.testing.assert_allclose(b_w[:, :128].half().float().numpy(), pred.v_weight_k, atol=2e-3, rtol=1e-2)
         np.testing.assert_allclose(b_w[:, 128:].half().float().numpy(), pred.v_weight_v, atol=2e-3, rtol=1e-2)

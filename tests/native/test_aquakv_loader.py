@@ -7,28 +7,22 @@ import subprocess
 import numpy as np
 import pytest
 
-from aquakv_gguf.gguf_io import (AquaKVParams, LayerPredictor, aquakv_metadata, aquakv_tensors, open_gguf, rewrite,
-                                 write_aqua_gguf)
+from aquakv_gguf.gguf_io import (
+    aquakv_metadata,
+    aquakv_tensors,
+    open_gguf,
+    rewrite,
+    write_aqua_gguf,
+)
 from aquakv_gguf.paths import tool_path
-from aquakv_gguf.quant import gaussian_grid
 from aquakv_gguf.runtime import LlamaError, Model, log_tail
+from aquakv_gguf.testing import random_aquakv_params
 from aquakv_gguf.testing.gpu import test_n_gpu_layers
 
 NGL = test_n_gpu_layers()
 
 
-def random_params(n_layers: int, n_kv_heads: int, head_dim: int, seed: int = 0) -> AquaKVParams:
-    rng = np.random.default_rng(seed)
-    c = n_kv_heads * head_dim
-
-    def pred() -> LayerPredictor:
-        return LayerPredictor(*(rng.normal(0, 0.05, shape).astype(np.float32)
-                                for shape in ((c, c), (c,), (c, c), (c, c), (c,))))
-
-    return AquaKVParams(grid=gaussian_grid(16), grid0=gaussian_grid(256), group_size=c if c & (c - 1) == 0 else 64,
-                        prefix_tokens=4, recent_tokens=128, n_layers=n_layers, n_kv_heads=n_kv_heads,
-                        head_dim=head_dim, predictors=[None] + [pred() for _ in range(n_layers - 1)],
-                        channel_order="llama.cpp", calibration={"source": "random test predictors"})
+random_params = random_aquakv_params
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +35,8 @@ def tiny_aqua_gguf(tiny_llama_gguf, tmp_path_factory):
     return out
 
 
-def decode_logits(path, tokens):
-    with Model(path, n_gpu_layers=NGL) as model, model.context(n_ctx=128) as ctx:
+def decode_logits(path, tokens, **model_kw):
+    with Model(path, n_gpu_layers=NGL, **model_kw) as model, model.context(n_ctx=128) as ctx:
         return ctx.decode(tokens, logits="all")
 
 
@@ -50,9 +44,13 @@ def test_aqua_gguf_loads_and_logs_its_parameters(tiny_llama_gguf, tiny_aqua_gguf
     with Model(tiny_aqua_gguf, n_gpu_layers=NGL):
         log = log_tail()
     assert "AQUA-KV v1: 16-point grid (layer 0: 256) in R^2, group 128, C = 128" in log
-    # the cache does not use the predictors yet: outputs equal the plain model's exactly
+
+
+def test_disabled_aquakv_runs_exactly_like_the_plain_model(tiny_llama_gguf, tiny_aqua_gguf):
     tokens = list(range(5, 37))
-    np.testing.assert_array_equal(decode_logits(tiny_aqua_gguf, tokens), decode_logits(tiny_llama_gguf, tokens))
+    plain = decode_logits(tiny_llama_gguf, tokens)
+    np.testing.assert_array_equal(decode_logits(tiny_aqua_gguf, tokens, aquakv=False), plain)
+    np.testing.assert_array_equal(decode_logits(tiny_aqua_gguf, tokens, kv_overrides={"aquakv.enabled": False}), plain)
 
 
 def test_plain_gguf_logs_no_aquakv(tiny_llama_gguf):

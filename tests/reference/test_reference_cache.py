@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from aquakv_gguf.calibrate import RowQuantizer, calibrate, key_value_modules, make_sequences, recipe_for_hf_config
+from aquakv_gguf.calibrate.quantizer import key_quantizer
 from aquakv_gguf.eval.reference_eval import forward_with_cache, stepwise_logits
 from aquakv_gguf.reference import AquaKVCache, bits_per_value, quantized_end
 from aquakv_gguf.reference.semantics import predict_keys, predict_values
@@ -107,13 +108,16 @@ def test_reconstruction_follows_the_chain(calibrated) -> None:
         for h in handles:
             h.remove()
     rows = slice(4, 132)
+    # the cache quantizes what its f16 window holds, keys in llama.cpp's channel order
+    raw = {i: {n: x.half().float() for n, x in d.items()} for i, d in raw.items()}
     q0, q = RowQuantizer(params.grid0, params.group_size), RowQuantizer(params.grid, params.group_size)
-    k_prev, v_prev = q0(raw[0]["k"][:, rows]), q0(raw[0]["v"][:, rows])
+    q0k, qk = (key_quantizer(x, params.n_kv_heads, params.head_dim, recipe.llama_cpp_permutes_qk) for x in (q0, q))
+    k_prev, v_prev = q0k(raw[0]["k"][:, rows]), q0(raw[0]["v"][:, rows])
     torch.testing.assert_close(cache.layers[0].k_hat[:, rows], k_prev)
     for layer in (1, 2):
         t = {n: torch.from_numpy(a) for n, a in params.predictors[layer].arrays().items()}
         p = predict_keys(k_prev, t["k_weight"], t["k_bias"])
-        k_hat = p + q(raw[layer]["k"][:, rows] - p)
+        k_hat = p + qk(raw[layer]["k"][:, rows] - p)
         qv = predict_values(k_hat, v_prev, t["v_weight_k"], t["v_weight_v"], t["v_bias"])
         v_hat = qv + q(raw[layer]["v"][:, rows] - qv)
         torch.testing.assert_close(cache.layers[layer].k_hat[:, rows], k_hat, rtol=1e-4, atol=1e-4)

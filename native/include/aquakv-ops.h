@@ -1,0 +1,99 @@
+// AQUA-KV ggml ops (aquakv-gguf): the shared definition of the packed row layout and op
+// parameters, read by the op constructors (libllama, native/src/aquakv-ops.cpp) and by the
+// kernels (ggml-cpu: native/ops-cpu/aquakv-ops-cpu.cpp; ggml-cuda later).
+//
+// A cached row holds one token's C channels of K (or V) of one layer:
+//   [ packed codes: C/d codes of `bits` bits, little-endian bitstream, ceil(C/d*bits/8) bytes ]
+//   [ scales: C/G float16 group norms (unaligned: read with memcpy) ]
+// Code i occupies stream bits [i*bits, (i+1)*bits), least significant bit first; stream bit k
+// is bit (k mod 8) of byte (k div 8). This is aquakv_gguf.quant.higgs.pack_codes' layout.
+#pragma once
+
+#include "ggml.h"
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// op_params (int32) of both ops
+enum aquakv_op_param {
+    AQUAKV_P_N_CHANNELS = 0, // C
+    AQUAKV_P_GROUP_SIZE = 1, // G: power of two dividing C, multiple of d
+    AQUAKV_P_GRID_DIM   = 2, // d
+    AQUAKV_P_GRID_SIZE  = 3, // n points (power of two)
+    AQUAKV_P_BITS       = 4, // log2(n)
+    AQUAKV_P_COUNT      = 5,
+};
+
+struct aquakv_row_layout {
+    int32_t n_channels;
+    int32_t group_size;
+    int32_t grid_dim;
+    int32_t grid_size;
+    int32_t bits;
+    size_t  code_bytes; // packed codes at the start of the row
+    size_t  row_bytes;  // codes + scales
+};
+
+static inline int32_t aquakv_log2_exact(int64_t n) {
+    if (n < 2 || (n & (n - 1)) != 0) {
+        return -1;
+    }
+    int32_t b = 0;
+    while ((((int64_t) 1) << b) < n) {
+        ++b;
+    }
+    return b;
+}
+
+// fills *out and returns 1 when the combination is valid, 0 otherwise
+static inline int aquakv_make_layout(int64_t n_channels, int64_t group_size, int64_t grid_dim,
+                                     int64_t grid_size, struct aquakv_row_layout * out) {
+    const int32_t bits = aquakv_log2_exact(grid_size);
+    if (n_channels <= 0 || grid_dim <= 0 || bits <= 0 || bits > 16 ||
+        aquakv_log2_exact(group_size) < 0 || group_size % grid_dim != 0 || n_channels % group_size != 0) {
+        return 0;
+    }
+    out->n_channels = (int32_t) n_channels;
+    out->group_size = (int32_t) group_size;
+    out->grid_dim   = (int32_t) grid_dim;
+    out->grid_size  = (int32_t) grid_size;
+    out->bits       = bits;
+    out->code_bytes = (size_t) ((n_channels / grid_dim) * bits + 7) / 8;
+    out->row_bytes  = out->code_bytes + sizeof(ggml_fp16_t) * (size_t) (n_channels / group_size);
+    return 1;
+}
+
+static inline struct aquakv_row_layout aquakv_layout_from_op(const struct ggml_tensor * op) {
+    struct aquakv_row_layout l;
+    const int ok = aquakv_make_layout(op->op_params[AQUAKV_P_N_CHANNELS], op->op_params[AQUAKV_P_GROUP_SIZE],
+                                      op->op_params[AQUAKV_P_GRID_DIM], op->op_params[AQUAKV_P_GRID_SIZE], &l);
+    GGML_ASSERT(ok && "corrupt AQUA-KV op parameters");
+    return l;
+}
+
+// Encode residual rows into packed code rows and copy f16 window rows, in one op (so that the
+// window write is ordered after the reads of the window that produced the residuals).
+//   codes    I8  [row_bytes, n_rows]     storage (the result is a view of it)
+//   resid    F32 [C, n_enc]              rows to encode, or NULL
+//   idx      I32 [n_enc]                 destination rows in `codes`
+//   grid     F32 [d, n_points]
+//   win      F16 [C, n_slots]            window storage, or NULL
+//   win_rows F32 [C, n_win]              rows to store in the window
+//   win_idx  I32 [n_win]                 destination rows in `win`
+struct ggml_tensor * ggml_aquakv_store(struct ggml_context * ctx, struct ggml_tensor * codes,
+                                  struct ggml_tensor * resid, struct ggml_tensor * idx,
+                                  struct ggml_tensor * grid, int32_t group_size,
+                                  struct ggml_tensor * win, struct ggml_tensor * win_rows,
+                                  struct ggml_tensor * win_idx);
+
+// Decode packed rows: codes I8 [row_bytes, n, m] (any row/plane stride) -> F32 [C, n, m].
+struct ggml_tensor * ggml_aquakv_decode(struct ggml_context * ctx, struct ggml_tensor * codes,
+                                   struct ggml_tensor * grid, int32_t n_channels, int32_t group_size);
+
+#ifdef __cplusplus
+}
+#endif

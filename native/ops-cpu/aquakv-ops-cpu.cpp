@@ -1,0 +1,197 @@
+// CPU kernels of the AQUA-KV ggml ops (compiled into ggml-cpu through the hook in
+// ggml/src/ggml-cpu/CMakeLists.txt). Semantics: DESIGN.md §3 and aquakv_gguf/quant/higgs.py.
+#include "aquakv-ops.h"
+
+#include "ggml-cpu.h"
+#include "ggml-cpu-impl.h"
+#include "ggml-impl.h"
+
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+// in-place unnormalised Sylvester Walsh-Hadamard transform of x[0..n), n a power of two
+void fwht(float * x, int n) {
+    for (int h = 1; h < n; h *= 2) {
+        for (int i = 0; i < n; i += 2*h) {
+            for (int j = i; j < i + h; ++j) {
+                const float a = x[j];
+                const float b = x[j + h];
+                x[j]     = a + b;
+                x[j + h] = a - b;
+            }
+        }
+    }
+}
+
+struct grid_view {
+    const float * g;     // [n, d]
+    int           d;
+    int           n;
+    std::vector<float> g2;    // 2*g
+    std::vector<float> gnorm; // |g|^2
+
+    grid_view(const ggml_tensor * t, int d, int n) : g((const float *) t->data), d(d), n(n), g2(n*d), gnorm(n) {
+        GGML_ASSERT(t->type == GGML_TYPE_F32 && ggml_is_contiguous(t));
+        GGML_ASSERT(t->ne[0] == d && t->ne[1] == n && "AQUA-KV grid shape does not match the op parameters");
+        for (int i = 0; i < n; ++i) {
+            float s = 0.0f;
+            for (int k = 0; k < d; ++k) {
+                g2[i*d + k] = 2.0f*g[i*d + k];
+                s += g[i*d + k]*g[i*d + k];
+            }
+            gnorm[i] = s;
+        }
+    }
+
+    // argmax_i 2*y.g_i - |g_i|^2, first maximum on ties (the quantizer's rule)
+    int nearest(const float * y) const {
+        int   best       = 0;
+        float best_score = -INFINITY;
+        for (int i = 0; i < n; ++i) {
+            const float * gi = g2.data() + (size_t) i*d;
+            float score = y[0]*gi[0];
+            for (int k = 1; k < d; ++k) {
+                score += y[k]*gi[k];
+            }
+            score -= gnorm[i];
+            if (score > best_score) {
+                best_score = score;
+                best       = i;
+            }
+        }
+        return best;
+    }
+};
+
+void put_bits(uint8_t * row, size_t bit_pos, uint32_t value, int bits) {
+    for (int b = 0; b < bits; ++b, ++bit_pos) {
+        if ((value >> b) & 1u) {
+            row[bit_pos >> 3] |= (uint8_t) (1u << (bit_pos & 7));
+        }
+    }
+}
+
+uint32_t get_bits(const uint8_t * row, size_t bit_pos, int bits) {
+    uint32_t v = 0;
+    for (int b = 0; b < bits; ++b, ++bit_pos) {
+        v |= (uint32_t) ((row[bit_pos >> 3] >> (bit_pos & 7)) & 1u) << b;
+    }
+    return v;
+}
+
+// x: [C] float (scratch: overwritten), row: [row_bytes] output
+void encode_row(const aquakv_row_layout & l, const grid_view & grid, float * x, uint8_t * row) {
+    std::memset(row, 0, l.row_bytes);
+    const int G = l.group_size;
+    const int d = l.grid_dim;
+    size_t bit_pos = 0;
+    for (int g0 = 0; g0 < l.n_channels; g0 += G) {
+        float * xg = x + g0;
+        double ss = 0.0;
+        for (int j = 0; j < G; ++j) {
+            ss += (double) xg[j]*xg[j];
+        }
+        const ggml_fp16_t s16 = ggml_fp32_to_fp16((float) std::sqrt(ss));
+        const float s = ggml_fp16_to_fp32(s16);
+        std::memcpy(row + l.code_bytes + sizeof(ggml_fp16_t)*(g0/G), &s16, sizeof(s16));
+        fwht(xg, G);
+        if (s > 0.0f) {
+            for (int j = 0; j < G; ++j) {
+                xg[j] /= s;
+            }
+        } else {
+            std::fill(xg, xg + G, 0.0f);
+        }
+        for (int j = 0; j < G; j += d) {
+            put_bits(row, bit_pos, (uint32_t) grid.nearest(xg + j), l.bits);
+            bit_pos += l.bits;
+        }
+    }
+}
+
+void decode_row(const aquakv_row_layout & l, const grid_view & grid, const uint8_t * row, float * out) {
+    const int G = l.group_size;
+    const int d = l.grid_dim;
+    size_t bit_pos = 0;
+    const float inv_g = 1.0f/(float) G;
+    for (int g0 = 0; g0 < l.n_channels; g0 += G) {
+        ggml_fp16_t s16;
+        std::memcpy(&s16, row + l.code_bytes + sizeof(ggml_fp16_t)*(g0/G), sizeof(s16));
+        const float s = ggml_fp16_to_fp32(s16);
+        float * og = out + g0;
+        for (int j = 0; j < G; j += d) {
+            const uint32_t c = get_bits(row, bit_pos, l.bits);
+            bit_pos += l.bits;
+            GGML_ASSERT(c < (uint32_t) grid.n);
+            for (int k = 0; k < d; ++k) {
+                og[j + k] = s*grid.g[c*d + k];
+            }
+        }
+        fwht(og, G);
+        for (int j = 0; j < G; ++j) {
+            og[j] *= inv_g;
+        }
+    }
+}
+
+void forward_store(const ggml_compute_params * params, ggml_tensor * dst) {
+    const aquakv_row_layout l = aquakv_layout_from_op(dst);
+    const ggml_tensor * codes    = dst->src[0];
+    const ggml_tensor * resid    = dst->src[1];
+    const ggml_tensor * idx      = dst->src[2];
+    const ggml_tensor * win      = dst->src[4];
+    const ggml_tensor * win_rows = dst->src[5];
+    const ggml_tensor * win_idx  = dst->src[6];
+    const int ith = params->ith;
+    const int nth = params->nth;
+
+    if (resid) {
+        const grid_view grid(dst->src[3], l.grid_dim, l.grid_size);
+        std::vector<float> x(l.n_channels);
+        const int64_t n_rows = codes->ne[1];
+        for (int64_t r = ith; r < resid->ne[1]; r += nth) {
+            const int32_t dst_row = ((const int32_t *) idx->data)[r];
+            GGML_ASSERT(dst_row >= 0 && dst_row < n_rows);
+            std::memcpy(x.data(), (const char *) resid->data + r*resid->nb[1], sizeof(float)*l.n_channels);
+            encode_row(l, grid, x.data(), (uint8_t *) codes->data + dst_row*codes->nb[1]);
+        }
+    }
+    if (win) {
+        const int64_t n_slots = win->ne[1];
+        for (int64_t r = ith; r < win_rows->ne[1]; r += nth) {
+            const int32_t slot = ((const int32_t *) win_idx->data)[r];
+            GGML_ASSERT(slot >= 0 && slot < n_slots);
+            ggml_cpu_fp32_to_fp16((const float *) ((const char *) win_rows->data + r*win_rows->nb[1]),
+                                  (ggml_fp16_t *) ((char *) win->data + slot*win->nb[1]), l.n_channels);
+        }
+    }
+}
+
+void forward_decode(const ggml_compute_params * params, ggml_tensor * dst) {
+    const aquakv_row_layout l = aquakv_layout_from_op(dst);
+    const ggml_tensor * codes = dst->src[0];
+    const grid_view grid(dst->src[1], l.grid_dim, l.grid_size);
+    const int64_t n  = codes->ne[1];
+    const int64_t nr = n*codes->ne[2]*codes->ne[3];
+    for (int64_t r = params->ith; r < nr; r += params->nth) {
+        const int64_t i1 = r % n;
+        const int64_t i2 = (r / n) % codes->ne[2];
+        const int64_t i3 = r / (n*codes->ne[2]);
+        const uint8_t * row = (const uint8_t *) codes->data + i1*codes->nb[1] + i2*codes->nb[2] + i3*codes->nb[3];
+        float * out = (float *) ((char *) dst->data + i1*dst->nb[1] + i2*dst->nb[2] + i3*dst->nb[3]);
+        decode_row(l, grid, row, out);
+    }
+}
+
+} // namespace
+
+extern "C" void aquakv_compute_forward(const ggml_compute_params * params, ggml_tensor * tensor) {
+    switch (tensor->op) {
+        case GGML_OP_AQUAKV_STORE:  forward_store(params, tensor);  break;
+        case GGML_OP_AQUAKV_DECODE: forward_decode(params, tensor); break;
+        default: GGML_ABORT("not an AQUA-KV op");
+    }
+}

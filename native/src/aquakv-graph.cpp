@@ -1,0 +1,257 @@
+// aquakv-gguf: the attention graph of the AQUA-KV cache (DESIGN §3, §5).
+//
+// Per layer l, for keys and then values:
+//   store: residual = x - prediction (from the previous layer's reconstruction, gathered at the
+//          cells being encoded), encoded into packed rows; new window tokens go to the f16 window
+//   read:  K̂_l = decode(codes of the attended cells) + A_l·K̂_{l-1} + a_l, then the window rows
+//          overwrite their cells; RoPE by cell position; flash (or plain) attention.
+// K̂_l and V̂_l stay in the graph as the next layer's predictor input.
+
+#include "aquakv-cache.h"
+#include "aquakv-hooks.h"
+#include "aquakv-ops.h"
+
+#include "llama-graph.h"
+#include "llama-impl.h"
+
+#include <cstring>
+#include <vector>
+
+namespace {
+
+class aquakv_graph_input : public llm_graph_input_i {
+public:
+    explicit aquakv_graph_input(const llama_kv_cache_aqua_context * mctx) : mctx(mctx) {}
+
+    void set_input(const llama_ubatch * ubatch) override {
+        GGML_UNUSED(ubatch);
+        const aquakv_plan * plan = mctx->plan();
+        set(enc_src,   plan ? &plan->enc_src   : nullptr);
+        set(enc_dst,   plan ? &plan->enc_dst   : nullptr);
+        set(enc_prev,  plan ? &plan->enc_prev  : nullptr);
+        set(wnew_src,  plan ? &plan->wnew_src  : nullptr);
+        set(wnew_dst,  plan ? &plan->wnew_dst  : nullptr);
+        set(wread_src, plan ? &plan->wread_src : nullptr);
+        set(wread_dst, plan ? &plan->wread_dst : nullptr);
+        set(kv_pos,    plan ? &plan->kv_pos    : nullptr);
+    }
+
+    bool can_reuse(const llm_graph_params & params) override {
+        const auto * next = dynamic_cast<const llama_kv_cache_aqua_context *>(params.mctx);
+        if (next == nullptr || next->plan() == nullptr) {
+            return false;
+        }
+        const aquakv_plan & p = *next->plan();
+        const bool same =
+            p.s0 == built.s0 && p.ns == built.ns && p.n_kv == built.n_kv &&
+            p.enc_src.size()   == built.enc_src.size()   && p.wnew_src.size() == built.wnew_src.size() &&
+            p.wread_src.size() == built.wread_src.size() && p.kv_pos.size()   == built.kv_pos.size();
+        if (same) {
+            mctx = next;
+        }
+        return same;
+    }
+
+    const llama_kv_cache_aqua_context * mctx;
+    aquakv_plan built;  // the list sizes the graph was built for
+
+    ggml_tensor * enc_src   = nullptr;  // I32 [n_enc]
+    ggml_tensor * enc_dst   = nullptr;  // I32 [n_enc]
+    ggml_tensor * enc_prev  = nullptr;  // I32 [n_enc]
+    ggml_tensor * wnew_src  = nullptr;  // I32 [n_wnew]
+    ggml_tensor * wnew_dst  = nullptr;  // I32 [n_wnew]
+    ggml_tensor * wread_src = nullptr;  // I32 [n_wread]
+    ggml_tensor * wread_dst = nullptr;  // I32 [n_wread]
+    ggml_tensor * kv_pos    = nullptr;  // I32 [ns*n_kv]
+
+    // the previous layer's reconstructions while the graph is built: F32 [C, ns*n_kv]
+    ggml_tensor * k_hat_prev = nullptr;
+    ggml_tensor * v_hat_prev = nullptr;
+
+private:
+    static void set(ggml_tensor * t, const std::vector<int32_t> * values) {
+        if (t == nullptr || t->buffer == nullptr) {
+            return;
+        }
+        const size_t n = (size_t) ggml_nelements(t);
+        if (values == nullptr) {
+            std::vector<int32_t> zeros(n, 0);
+            ggml_backend_tensor_set(t, zeros.data(), 0, n*sizeof(int32_t));
+            return;
+        }
+        GGML_ASSERT(values->size() == n && "AQUA-KV plan does not match the graph it was built for");
+        ggml_backend_tensor_set(t, values->data(), 0, n*sizeof(int32_t));
+    }
+};
+
+ggml_tensor * new_index(ggml_context * ctx, size_t n, const char * name) {
+    if (n == 0) {
+        return nullptr;
+    }
+    ggml_tensor * t = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, (int64_t) n);
+    ggml_set_input(t);
+    ggml_set_name(t, name);
+    return t;
+}
+
+// the codes cache exposes its per-layer rows as views of n_kv cells; their source is the whole
+// storage tensor [row_bytes, kv_size, n_stream] that the store op writes into
+ggml_tensor * storage_of(ggml_tensor * view) {
+    GGML_ASSERT(view->view_src != nullptr && view->view_src->view_src == nullptr);
+    return view->view_src;
+}
+
+ggml_tensor * as_rows(ggml_context * ctx, ggml_tensor * x, int64_t n_channels) {
+    if (!ggml_is_contiguous(x)) {
+        x = ggml_cont(ctx, x);
+    }
+    return ggml_reshape_2d(ctx, x, n_channels, ggml_nelements(x)/n_channels);
+}
+
+} // namespace
+
+void aquakv_graph_add_inputs(const llm_graph_context & gctx, llm_graph_input_attn_kv & inp) {
+    const auto * mctx = dynamic_cast<const llama_kv_cache_aqua_context *>(inp.mctx);
+    if (mctx == nullptr) {
+        return;
+    }
+    auto obj = std::make_unique<aquakv_graph_input>(mctx);
+    if (mctx->plan()) {
+        obj->built = *mctx->plan();
+    } else {
+        mctx->cache()->plan_reserve(gctx.ubatch.n_tokens, obj->built);
+    }
+    const aquakv_plan & p = obj->built;
+    ggml_context * ctx0 = gctx.ctx0;
+    obj->enc_src   = new_index(ctx0, p.enc_src.size(),   "aquakv_enc_src");
+    obj->enc_dst   = new_index(ctx0, p.enc_dst.size(),   "aquakv_enc_dst");
+    obj->enc_prev  = new_index(ctx0, p.enc_prev.size(),  "aquakv_enc_prev");
+    obj->wnew_src  = new_index(ctx0, p.wnew_src.size(),  "aquakv_wnew_src");
+    obj->wnew_dst  = new_index(ctx0, p.wnew_dst.size(),  "aquakv_wnew_dst");
+    obj->wread_src = new_index(ctx0, p.wread_src.size(), "aquakv_wread_src");
+    obj->wread_dst = new_index(ctx0, p.wread_dst.size(), "aquakv_wread_dst");
+    obj->kv_pos    = new_index(ctx0, p.kv_pos.size(),    "aquakv_kv_pos");
+    inp.aquakv = gctx.res->add_input(std::move(obj));
+}
+
+ggml_tensor * aquakv_build_attn(const llm_graph_context & gctx, llm_graph_input_attn_kv * inp,
+                                ggml_tensor * wo, ggml_tensor * wo_b, ggml_tensor * wo_s,
+                                ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur,
+                                ggml_tensor * kq_b, ggml_tensor * sinks, float kq_scale, int il) {
+    auto * ai = static_cast<aquakv_graph_input *>(inp->aquakv);
+    const llama_kv_cache_aqua * cache = ai->mctx->cache();
+    const aquakv_model_data & md = cache->data();
+    const aquakv_plan & plan = ai->built;
+    ggml_context * ctx0 = gctx.ctx0;
+    ggml_cgraph  * gf   = gctx.gf;
+
+    if (k_cur->op != GGML_OP_ROPE) {
+        GGML_ABORT("aquakv: the model builder's key is not the output of RoPE; AQUA-KV needs the pre-RoPE key "
+                   "(unsupported architecture)");
+    }
+    if (il == 0) {
+        ai->k_hat_prev = nullptr;
+        ai->v_hat_prev = nullptr;
+    }
+    GGML_ASSERT((il == 0) == (ai->k_hat_prev == nullptr) && "AQUA-KV layers must be built in order");
+
+    const int64_t C         = md.n_channels;
+    const int32_t G         = (int32_t) md.group_size;
+    const int64_t head_dim  = k_cur->ne[0];
+    const int64_t n_head_kv = k_cur->ne[1];
+    GGML_ASSERT(head_dim*n_head_kv == C);
+
+    const uint32_t kv_size  = cache->get_size();
+    const uint32_t n_stream = cache->get_n_stream();
+    const uint32_t n_win    = cache->get_n_win();
+    const int64_t  n_kv     = plan.n_kv;
+    const int64_t  ns       = plan.ns;
+    ggml_tensor * grid = il == 0 ? md.grid0 : md.grid;
+    const aquakv_layer_tensors & P = md.layers.at(il);
+
+    ggml_tensor * k_new = as_rows(ctx0, k_cur->src[0], C);  // pre-RoPE keys [C, n_tokens]
+    ggml_tensor * v_new = as_rows(ctx0, v_cur, C);          // [C, n_tokens]
+
+    // one cache side (K or V): store this ubatch, then reconstruct the attended cells
+    auto store_and_read = [&](ggml_tensor * x_new, ggml_tensor * codes_storage, ggml_tensor * win_storage,
+                              auto && predict) -> ggml_tensor * {
+        const size_t row_bytes = (size_t) codes_storage->ne[0];
+        ggml_tensor * codes2 = ggml_reshape_2d(ctx0, codes_storage, row_bytes, (int64_t) kv_size*n_stream);
+        ggml_tensor * win2   = ggml_reshape_2d(ctx0, win_storage, C, (int64_t) n_win*n_stream);
+
+        ggml_tensor * codes_src = codes2;
+        if (ai->enc_src || ai->wnew_src) {
+            ggml_tensor * resid = nullptr;
+            if (ai->enc_src) {
+                // chunks are quantized from the f16 values the window holds; a token quantized on
+                // arrival is rounded the same way (the reference cache's semantics)
+                ggml_tensor * x_f16 = ggml_cast(ctx0, ggml_cast(ctx0, x_new, GGML_TYPE_F16), GGML_TYPE_F32);
+                ggml_tensor * src = ggml_concat(ctx0, ggml_cast(ctx0, win2, GGML_TYPE_F32), x_f16, 1);
+                resid = ggml_get_rows(ctx0, src, ai->enc_src);  // [C, n_enc]
+                if (il > 0) {
+                    resid = ggml_sub(ctx0, resid, predict(ai->enc_prev));
+                }
+            }
+            ggml_tensor * win_rows = ai->wnew_src ? ggml_get_rows(ctx0, x_new, ai->wnew_src) : nullptr;
+            codes_src = ggml_aquakv_store(ctx0, codes2, resid, ai->enc_dst, grid, G,
+                                     ai->wnew_src ? win2 : nullptr, win_rows, ai->wnew_dst);
+            ggml_build_forward_expand(gf, codes_src);  // the store runs before any read of this layer
+        }
+
+        ggml_tensor * codes_view = ggml_view_3d(ctx0, codes_src, row_bytes, n_kv, ns, row_bytes,
+                                                row_bytes*kv_size, row_bytes*kv_size*plan.s0);
+        ggml_tensor * x_hat = ggml_reshape_2d(ctx0, ggml_aquakv_decode(ctx0, codes_view, grid, (int32_t) C, G), C, n_kv*ns);
+        if (il > 0) {
+            x_hat = ggml_add(ctx0, x_hat, predict(nullptr));
+        }
+        if (ai->wread_src) {
+            x_hat = ggml_set_rows(ctx0, x_hat, ggml_get_rows(ctx0, win2, ai->wread_src), ai->wread_dst);
+        }
+        return x_hat;  // F32 [C, ns*n_kv]
+    };
+
+    // rows == nullptr: predictions for every attended cell; else for the rows listed
+    auto gather = [&](ggml_tensor * x, ggml_tensor * rows) { return rows ? ggml_get_rows(ctx0, x, rows) : x; };
+    // f32 products, as the reference computes them: a f16 weight would round the activations to
+    // f16 on the CPU (its vec_dot type) and flip near-tie codes between encode and the oracle
+    auto mm = [&](ggml_tensor * w, ggml_tensor * x) {
+        return ggml_mul_mat(ctx0, w->type == GGML_TYPE_F32 ? w : ggml_cast(ctx0, w, GGML_TYPE_F32), x);
+    };
+
+    ggml_tensor * k_hat = store_and_read(k_new, storage_of(ai->mctx->get_k(ctx0, il)), cache->win_k(il),
+        [&](ggml_tensor * rows) {
+            return ggml_add(ctx0, mm(P.k_pred_w, gather(ai->k_hat_prev, rows)), P.k_pred_b);
+        });
+    gctx.cb(k_hat, "aquakv_k_hat", il);
+
+    ggml_tensor * v_hat = store_and_read(v_new, storage_of(ai->mctx->get_v(ctx0, il)), cache->win_v(il),
+        [&](ggml_tensor * rows) {
+            ggml_tensor * p = ggml_add(ctx0, mm(P.v_pred_k_w, gather(k_hat, rows)),
+                                             mm(P.v_pred_v_w, gather(ai->v_hat_prev, rows)));
+            return ggml_add(ctx0, p, P.v_pred_b);
+        });
+    gctx.cb(v_hat, "aquakv_v_hat", il);
+
+    ai->k_hat_prev = k_hat;
+    ai->v_hat_prev = v_hat;
+
+    // RoPE by cell position, with the model's own RoPE parameters
+    ggml_tensor * k_rope = ggml_rope_ext(ctx0, ggml_reshape_3d(ctx0, k_hat, head_dim, n_head_kv, n_kv*ns), ai->kv_pos,
+                                         k_cur->src[2], 0, 0, 0, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f);
+    std::memcpy(k_rope->op_params, k_cur->op_params, sizeof(k_cur->op_params));
+
+    ggml_tensor * k = ggml_reshape_4d(ctx0, k_rope, head_dim, n_head_kv, n_kv, ns);
+    ggml_tensor * v = ggml_reshape_4d(ctx0, v_hat,  head_dim, n_head_kv, n_kv, ns);
+
+    ggml_build_forward_expand(gf, q_cur);
+    ggml_tensor * cur = gctx.build_attn_mha(q_cur, k, v, kq_b, inp->get_kq_mask(), sinks, nullptr, 0, kq_scale, il);
+    gctx.cb(cur, "kqv_out", il);
+
+    if (wo) {
+        cur = gctx.build_lora_mm(wo, cur, wo_s);
+    }
+    if (wo_b) {
+        cur = ggml_add(ctx0, cur, wo_b);
+    }
+    return cur;
+}

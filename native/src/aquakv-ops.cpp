@@ -1,0 +1,71 @@
+// Constructors of the AQUA-KV ggml ops (GGML_OP_AQUAKV_STORE / GGML_OP_AQUAKV_DECODE).
+// The kernels live with each backend: native/ops-cpu (and native/ops-cuda).
+#include "aquakv-ops.h"
+
+#include <cstring>
+
+namespace {
+
+void set_layout_params(ggml_tensor * t, const aquakv_row_layout & l) {
+    const int32_t p[AQUAKV_P_COUNT] = { l.n_channels, l.group_size, l.grid_dim, l.grid_size, l.bits };
+    static_assert(sizeof(p) <= GGML_MAX_OP_PARAMS, "op params");
+    std::memcpy(t->op_params, p, sizeof(p));
+}
+
+aquakv_row_layout layout_for(int64_t n_channels, int32_t group_size, const ggml_tensor * grid) {
+    GGML_ASSERT(grid->type == GGML_TYPE_F32 && ggml_n_dims(grid) <= 2);
+    aquakv_row_layout l;
+    GGML_ASSERT(aquakv_make_layout(n_channels, group_size, grid->ne[0], grid->ne[1], &l) &&
+                "invalid AQUA-KV channel count / group size / grid combination");
+    return l;
+}
+
+} // namespace
+
+extern "C" ggml_tensor * ggml_aquakv_store(ggml_context * ctx, ggml_tensor * codes, ggml_tensor * resid,
+                                      ggml_tensor * idx, ggml_tensor * grid, int32_t group_size,
+                                      ggml_tensor * win, ggml_tensor * win_rows, ggml_tensor * win_idx) {
+    GGML_ASSERT(resid || win);
+    const int64_t n_channels = resid ? resid->ne[0] : win->ne[0];
+    const aquakv_row_layout l = layout_for(n_channels, group_size, grid);
+
+    GGML_ASSERT(codes->type == GGML_TYPE_I8 && ggml_n_dims(codes) <= 2);
+    GGML_ASSERT((size_t) codes->ne[0] == l.row_bytes && "codes rows do not match the AQUA-KV row layout");
+    if (resid) {
+        GGML_ASSERT(resid->type == GGML_TYPE_F32 && ggml_n_dims(resid) <= 2 && resid->nb[0] == sizeof(float));
+        GGML_ASSERT(idx && idx->type == GGML_TYPE_I32 && ggml_is_contiguous(idx) && ggml_nelements(idx) == resid->ne[1]);
+    }
+    if (win) {
+        GGML_ASSERT(win->type == GGML_TYPE_F16 && ggml_n_dims(win) <= 2 && win->ne[0] == n_channels);
+        GGML_ASSERT(win_rows && win_rows->type == GGML_TYPE_F32 && win_rows->ne[0] == n_channels &&
+                    ggml_n_dims(win_rows) <= 2 && win_rows->nb[0] == sizeof(float));
+        GGML_ASSERT(win_idx && win_idx->type == GGML_TYPE_I32 && ggml_is_contiguous(win_idx) &&
+                    ggml_nelements(win_idx) == win_rows->ne[1]);
+    }
+
+    ggml_tensor * result = ggml_view_tensor(ctx, codes);
+    result->op     = GGML_OP_AQUAKV_STORE;
+    result->src[0] = codes;
+    result->src[1] = resid;
+    result->src[2] = resid ? idx : nullptr;
+    result->src[3] = grid;
+    result->src[4] = win;
+    result->src[5] = win ? win_rows : nullptr;
+    result->src[6] = win ? win_idx : nullptr;
+    set_layout_params(result, l);
+    return result;
+}
+
+extern "C" ggml_tensor * ggml_aquakv_decode(ggml_context * ctx, ggml_tensor * codes, ggml_tensor * grid,
+                                       int32_t n_channels, int32_t group_size) {
+    const aquakv_row_layout l = layout_for(n_channels, group_size, grid);
+    GGML_ASSERT(codes->type == GGML_TYPE_I8 && codes->nb[0] == 1);
+    GGML_ASSERT((size_t) codes->ne[0] == l.row_bytes && "codes rows do not match the AQUA-KV row layout");
+
+    ggml_tensor * result = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, n_channels, codes->ne[1], codes->ne[2], codes->ne[3]);
+    result->op     = GGML_OP_AQUAKV_DECODE;
+    result->src[0] = codes;
+    result->src[1] = grid;
+    set_layout_params(result, l);
+    return result;
+}
