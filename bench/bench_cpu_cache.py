@@ -67,7 +67,7 @@ def grab(pattern: str, text: str, what: str) -> float:
 
 
 def perplexity_runs(models: dict[str, Path], text_file: Path, out_dir: Path, args) -> dict[str, dict]:
-    base = out_dir / "f16.kld-base"
+    base = text_file.parent / "f16.kld-base"  # ~1 GB of logits: kept out of bench/results
     common = ["-f", str(text_file), "-c", "2048", "-b", "32", "-ub", "32", "--chunks", str(args.chunks),
               "-t", str(args.threads)]
     res = {}
@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--reuse-perplexity", action="store_true",
+                    help="take the llama-perplexity results from this date's summary.json (rerun speed only)")
     ap.add_argument("--no-write", action="store_true", help="do not touch docs/RESULTS.md")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -150,10 +152,15 @@ def main(argv: list[str] | None = None) -> int:
     text_file.write_text(evaluation_text())
 
     t0 = time.perf_counter()
-    ppl = perplexity_runs(models, text_file, out_dir, args)
+    summary_path = out_dir / "summary.json"
+    if args.reuse_perplexity:
+        ppl = json.loads(summary_path.read_text())["perplexity"]
+        log.info("reusing the perplexity results of %s", summary_path)
+    else:
+        ppl = perplexity_runs(models, text_file, out_dir, args)
     kv = kv_mib_8k(models)
     speed = {} if args.skip_speed else bench_runs(models, out_dir, args)
-    (out_dir / "summary.json").write_text(json.dumps({"perplexity": ppl, "kv_mib_8k": kv, "speed": speed}, indent=2))
+    summary_path.write_text(json.dumps({"perplexity": ppl, "kv_mib_8k": kv, "speed": speed}, indent=2))
 
     f16 = ppl["f16"]["ppl"]
     lines = ["| cache | bits/value | KV MiB @8K | PPL | Δ PPL | mean KLD | top-1 | pp512 t/s d0 | pp512 t/s d2048 "
@@ -180,7 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         "compute buffer and is not counted). q8_0/q4_0 use flash attention and upstream's Hadamard rotation. "
         f"Speed: llama-bench -p 512 -n {args.gen_tokens} -d 0,2048 -t {args.threads} -r {args.reps}.\n\n"
         f"Acceptance (AQUA-KV 2-bit mean KLD ≤ q4_0's): {a2:.5f} vs {q4:.5f}: **{verdict}**. "
-        f"Total benchmark time {time.perf_counter() - t0:.0f} s; raw outputs in `bench/results/{out_dir.name}/`.")
+        f"Benchmark time {time.perf_counter() - t0:.0f} s"
+        f"{' (speed only; perplexity from the earlier run of the same day)' if args.reuse_perplexity else ''}; "
+        f"raw outputs in `bench/results/{out_dir.name}/`. The AQUA-KV files were calibrated on 262,144 tokens "
+        "before keys were quantized in llama.cpp's channel order (same statistics; predictors unchanged).")
     print(body)
     if not args.no_write:
         write_section("cpu-cache", "AQUA-KV cache in llama.cpp on the CPU (issue 4): SmolLM2-135M", body)

@@ -40,7 +40,7 @@ struct llama_model * aquakv_model_load(const char * path, int32_t n_gpu_layers, 
 struct llama_context * aquakv_context_new(struct llama_model * model, uint32_t n_ctx, uint32_t n_batch,
                                           uint32_t n_ubatch, uint32_t n_seq_max, int32_t n_threads,
                                           int32_t type_k, int32_t type_v, int32_t flash_attn,
-                                          bool kv_unified, bool offload_kqv);
+                                          bool kv_unified, bool offload_kqv, bool op_offload);
 int32_t aquakv_tokenize(const struct llama_vocab * vocab, const char * text, int32_t text_len,
                         llama_token * tokens, int32_t n_tokens_max, bool add_special, bool parse_special);
 int32_t aquakv_token_to_piece(const struct llama_vocab * vocab, llama_token token, char * buf, int32_t length,
@@ -52,9 +52,10 @@ int32_t aquakv_decode(struct llama_context * ctx, const llama_token * tokens, co
 
 int64_t aquakv_op_row_bytes(int32_t n_channels, int32_t group_size, int32_t grid_dim, int32_t grid_size);
 int32_t aquakv_op_encode(const float * x, int64_t n_rows, int32_t n_channels, const float * grid, int32_t grid_size,
-                         int32_t grid_dim, int32_t group_size, int32_t n_threads, uint8_t * out);
+                         int32_t grid_dim, int32_t group_size, int32_t n_threads, bool gpu, uint8_t * out);
 int32_t aquakv_op_decode(const uint8_t * rows, int64_t n_rows, int32_t n_channels, const float * grid,
-                         int32_t grid_size, int32_t grid_dim, int32_t group_size, int32_t n_threads, float * out);
+                         int32_t grid_size, int32_t grid_dim, int32_t group_size, int32_t n_threads, bool gpu,
+                         float * out);
 int32_t aquakv_context_cache_info(const struct llama_context * ctx, int64_t * out);
 
 void llama_model_free(struct llama_model * model);

@@ -43,7 +43,8 @@ class Context(NativeHandle):
 
     Arguments mirror the llama.cpp tools: ``n_ctx`` (-c), ``n_batch`` (-b), ``n_ubatch`` (-ub),
     ``n_seq_max`` (-np), ``type_k``/``type_v`` (-ctk/-ctv), ``flash_attn`` (-fa: None = auto),
-    ``kv_unified`` (--kv-unified), ``n_threads`` (-t; default: all cores).
+    ``kv_unified`` (--kv-unified), ``n_threads`` (-t; default: all cores), ``op_offload`` (--no-op-offload
+    when False: with a GPU build, keeps an ngl-0 model entirely on the CPU).
     """
 
     _kind = "context"
@@ -51,7 +52,7 @@ class Context(NativeHandle):
     def __init__(self, model: Model, *, n_ctx: int = 2048, n_batch: int = 512, n_ubatch: int = 512,
                  n_seq_max: int = 1, n_threads: int | None = None, type_k: str = "f16", type_v: str = "f16",
                  flash_attn: bool | str | None = None, kv_unified: bool = False,
-                 offload_kqv: bool = True) -> None:
+                 offload_kqv: bool = True, op_offload: bool = True) -> None:
         if flash_attn not in _FLASH_ATTN:
             raise ValueError(f"flash_attn must be None/'auto', True/'on' or False/'off', not {flash_attn!r}")
         if min(n_ctx, n_batch, n_ubatch, n_seq_max) <= 0:
@@ -61,7 +62,8 @@ class Context(NativeHandle):
         self._lib.aquakv_log_clear()
         handle = self._lib.aquakv_context_new(
             model.handle, n_ctx, n_batch, n_ubatch, n_seq_max, n_threads or os.cpu_count() or 1,
-            cache_type_id(type_k), cache_type_id(type_v), _FLASH_ATTN[flash_attn], kv_unified, offload_kqv)
+            cache_type_id(type_k), cache_type_id(type_v), _FLASH_ATTN[flash_attn], kv_unified, offload_kqv,
+            op_offload)
         if handle == ffi.NULL:
             raise LlamaError(f"llama.cpp could not create a context (n_ctx={n_ctx}, type_k={type_k}, "
                              f"type_v={type_v}, flash_attn={flash_attn})", log_tail())

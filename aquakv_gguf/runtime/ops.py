@@ -31,8 +31,8 @@ def row_bytes(n_channels: int, group_size: int, grid_dim: int, grid_size: int) -
     return n
 
 
-def encode_rows(x: np.ndarray, grid, group_size: int, *, n_threads: int = 2) -> np.ndarray:
-    """Encode ``x: float32 [n_rows, C]`` into packed rows ``uint8 [n_rows, row_bytes]``."""
+def encode_rows(x: np.ndarray, grid, group_size: int, *, n_threads: int = 2, gpu: bool = False) -> np.ndarray:
+    """Encode ``x: float32 [n_rows, C]`` into packed rows ``uint8 [n_rows, row_bytes]`` (on the first GPU if ``gpu``)."""
     x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
     g = _grid_array(grid)
     if x.ndim != 2 or x.shape[0] == 0:
@@ -40,15 +40,16 @@ def encode_rows(x: np.ndarray, grid, group_size: int, *, n_threads: int = 2) -> 
     rb = row_bytes(x.shape[1], group_size, g.shape[1], g.shape[0])
     out = np.empty((x.shape[0], rb), dtype=np.uint8)
     rc = lib().aquakv_op_encode(ffi.from_buffer("float[]", x), x.shape[0], x.shape[1],
-                                ffi.from_buffer("float[]", g), g.shape[0], g.shape[1], group_size, n_threads,
+                                ffi.from_buffer("float[]", g), g.shape[0], g.shape[1], group_size, n_threads, gpu,
                                 ffi.from_buffer("uint8_t[]", out))
     if rc != 0:
         raise LlamaError("the native AQUA-KV encoder failed", log_tail())
     return out
 
 
-def decode_rows(rows: np.ndarray, grid, n_channels: int, group_size: int, *, n_threads: int = 2) -> np.ndarray:
-    """Decode packed rows ``uint8 [n_rows, row_bytes]`` to ``float32 [n_rows, C]``."""
+def decode_rows(rows: np.ndarray, grid, n_channels: int, group_size: int, *, n_threads: int = 2,
+                gpu: bool = False) -> np.ndarray:
+    """Decode packed rows ``uint8 [n_rows, row_bytes]`` to ``float32 [n_rows, C]`` (on the first GPU if ``gpu``)."""
     rows = np.ascontiguousarray(np.asarray(rows, dtype=np.uint8))
     g = _grid_array(grid)
     rb = row_bytes(n_channels, group_size, g.shape[1], g.shape[0])
@@ -56,7 +57,7 @@ def decode_rows(rows: np.ndarray, grid, n_channels: int, group_size: int, *, n_t
         raise ValueError(f"rows must be uint8 [n_rows >= 1, {rb}], got shape {rows.shape}")
     out = np.empty((rows.shape[0], n_channels), dtype=np.float32)
     rc = lib().aquakv_op_decode(ffi.from_buffer("uint8_t[]", rows), rows.shape[0], n_channels,
-                                ffi.from_buffer("float[]", g), g.shape[0], g.shape[1], group_size, n_threads,
+                                ffi.from_buffer("float[]", g), g.shape[0], g.shape[1], group_size, n_threads, gpu,
                                 ffi.from_buffer("float[]", out))
     if rc != 0:
         raise LlamaError("the native AQUA-KV decoder failed", log_tail())

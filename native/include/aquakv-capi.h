@@ -34,11 +34,12 @@ LLAMA_API struct llama_model * aquakv_model_load(
         const char * kv_overrides);
 
 // Creates a context. 0 keeps llama.cpp's default for the sizes and thread count;
-// type_k/type_v: ggml type ids; flash_attn: -1 auto, 0 off, 1 on.
+// type_k/type_v: ggml type ids; flash_attn: -1 auto, 0 off, 1 on; op_offload: let the scheduler
+// run large host-weight products on a GPU (llama.cpp's default; off keeps ngl 0 on the CPU).
 LLAMA_API struct llama_context * aquakv_context_new(
         struct llama_model * model, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch,
         uint32_t n_seq_max, int32_t n_threads, int32_t type_k, int32_t type_v,
-        int32_t flash_attn, bool kv_unified, bool offload_kqv);
+        int32_t flash_attn, bool kv_unified, bool offload_kqv, bool op_offload);
 
 // Decodes n_tokens tokens, token i at position pos[i] of sequence seq_ids[i]; logits
 // are kept for the tokens with want_logits[i] != 0. Returns llama_decode's status.
@@ -59,7 +60,8 @@ LLAMA_API int32_t aquakv_detokenize(
         const struct llama_vocab * vocab, const llama_token * tokens, int32_t n_tokens, char * text,
         int32_t text_len_max, bool remove_special, bool unparse_special);
 
-// The AQUA-KV ggml ops run alone on the CPU backend, for tests against the torch quantizer.
+// The AQUA-KV ggml ops run alone on the CPU backend (gpu = false) or the first GPU, for tests
+// against the torch quantizer and between backends.
 // Row layout: native/include/aquakv-ops.h. grid: [grid_size, grid_dim] row-major f32.
 // aquakv_op_row_bytes returns the packed row size, or -1 for an invalid combination.
 // encode: x [n_rows, n_channels] f32 -> out [n_rows, row_bytes]; decode: rows -> out
@@ -67,10 +69,10 @@ LLAMA_API int32_t aquakv_detokenize(
 LLAMA_API int64_t aquakv_op_row_bytes(int32_t n_channels, int32_t group_size, int32_t grid_dim, int32_t grid_size);
 LLAMA_API int32_t aquakv_op_encode(
         const float * x, int64_t n_rows, int32_t n_channels, const float * grid, int32_t grid_size,
-        int32_t grid_dim, int32_t group_size, int32_t n_threads, uint8_t * out);
+        int32_t grid_dim, int32_t group_size, int32_t n_threads, bool gpu, uint8_t * out);
 LLAMA_API int32_t aquakv_op_decode(
         const uint8_t * rows, int64_t n_rows, int32_t n_channels, const float * grid, int32_t grid_size,
-        int32_t grid_dim, int32_t group_size, int32_t n_threads, float * out);
+        int32_t grid_dim, int32_t group_size, int32_t n_threads, bool gpu, float * out);
 
 // 1 when the context's memory is the AQUA-KV cache, 0 otherwise. When it is and out is not
 // NULL: out[0] = bytes of codes + scales, out[1] = bytes of the f16 window, out[2] = cells per

@@ -443,6 +443,12 @@ void llama_kv_cache_aqua::plan_ubatch(const llama_kv_cache::slot_info & sinfo, c
             }
         }
     }
+    // a fixed length keeps the graph's shapes from one token to the next, so llama.cpp reuses it;
+    // repeating a (slot, cell) pair writes the same row again
+    if (!out.wread_src.empty()) {
+        out.wread_src.resize((size_t) n_win*out.ns, out.wread_src[0]);
+        out.wread_dst.resize((size_t) n_win*out.ns, out.wread_dst[0]);
+    }
     for (uint32_t sr = 0; sr < out.ns; ++sr) {
         const uint32_t strm = out.s0 + sr;
         const llama_kv_cells * cells = &cells_of_stream(strm);

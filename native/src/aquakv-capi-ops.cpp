@@ -17,10 +17,11 @@
 
 namespace {
 
-// a CPU backend with n_threads threads (the setter is looked up through the registry, as the
-// tools do, so libllama needs no link-time dependency on ggml-cpu)
-ggml_backend_ptr cpu_backend(int32_t n_threads) {
-    ggml_backend_ptr backend(ggml_backend_init_by_type(GGML_BACKEND_DEVICE_TYPE_CPU, nullptr));
+// the CPU backend with n_threads threads, or the first GPU (the thread setter is looked up through
+// the registry, as the tools do, so libllama needs no link-time dependency on ggml-cpu)
+ggml_backend_ptr op_backend(int32_t n_threads, bool gpu) {
+    ggml_backend_ptr backend(ggml_backend_init_by_type(gpu ? GGML_BACKEND_DEVICE_TYPE_GPU : GGML_BACKEND_DEVICE_TYPE_CPU,
+                                                       nullptr));
     if (backend && n_threads > 0) {
         ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(ggml_backend_get_device(backend.get()));
         auto * set_threads = (ggml_backend_set_n_threads_t) ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads");
@@ -43,17 +44,22 @@ bool layout_ok(int32_t n_channels, int32_t group_size, int32_t grid_dim, int32_t
 // builds one op on a CPU backend, fills its inputs, computes it and reads the result back:
 // build(ctx) -> the op's tensor; upload() sets the inputs; download() reads the outputs
 template <typename Build, typename Upload, typename Download>
-int32_t run_op(const char * what, int32_t n_threads, Build && build, Upload && upload, Download && download) {
+int32_t run_op(const char * what, int32_t n_threads, bool gpu, Build && build, Upload && upload, Download && download) {
     try {
         ggml_init_params params = { 64*ggml_tensor_overhead() + ggml_graph_overhead(), nullptr, true };
         ggml_context_ptr ctx(ggml_init(params));
-        ggml_backend_ptr backend = cpu_backend(n_threads);
+        ggml_backend_ptr backend = op_backend(n_threads, gpu);
         if (!ctx || !backend) {
-            LLAMA_LOG_ERROR("aquakv: cannot create a CPU backend for the %s op\n", what);
+            LLAMA_LOG_ERROR("aquakv: cannot create a %s backend for the %s op\n", gpu ? "GPU" : "CPU", what);
             return -1;
         }
         ggml_cgraph * gf = ggml_new_graph(ctx.get());
-        ggml_build_forward_expand(gf, build(ctx.get()));
+        ggml_tensor * op = build(ctx.get());
+        if (!ggml_backend_supports_op(backend.get(), op)) {
+            LLAMA_LOG_ERROR("aquakv: the %s backend does not support this %s op\n", gpu ? "GPU" : "CPU", what);
+            return -1;
+        }
+        ggml_build_forward_expand(gf, op);
         ggml_backend_buffer_ptr buf(ggml_backend_alloc_ctx_tensors(ctx.get(), backend.get()));
         upload();
         if (ggml_backend_graph_compute(backend.get(), gf) != GGML_STATUS_SUCCESS) {
@@ -77,7 +83,7 @@ extern "C" int64_t aquakv_op_row_bytes(int32_t n_channels, int32_t group_size, i
 
 extern "C" int32_t aquakv_op_encode(const float * x, int64_t n_rows, int32_t n_channels, const float * grid,
                                     int32_t grid_size, int32_t grid_dim, int32_t group_size, int32_t n_threads,
-                                    uint8_t * out) {
+                                    bool gpu, uint8_t * out) {
     aquakv_row_layout l;
     if (n_rows <= 0 || !layout_ok(n_channels, group_size, grid_dim, grid_size, l)) {
         return -1;
@@ -85,7 +91,7 @@ extern "C" int32_t aquakv_op_encode(const float * x, int64_t n_rows, int32_t n_c
     ggml_tensor * codes = nullptr, * xt = nullptr, * idx = nullptr, * g = nullptr;
     std::vector<int32_t> rows(n_rows);
     std::iota(rows.begin(), rows.end(), 0);
-    return run_op("encode", n_threads,
+    return run_op("encode", n_threads, gpu,
         [&](ggml_context * ctx) {
             codes = ggml_new_tensor_2d(ctx, GGML_TYPE_I8, (int64_t) l.row_bytes, n_rows);
             xt    = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_channels, n_rows);
@@ -103,13 +109,13 @@ extern "C" int32_t aquakv_op_encode(const float * x, int64_t n_rows, int32_t n_c
 
 extern "C" int32_t aquakv_op_decode(const uint8_t * rows, int64_t n_rows, int32_t n_channels, const float * grid,
                                     int32_t grid_size, int32_t grid_dim, int32_t group_size, int32_t n_threads,
-                                    float * out) {
+                                    bool gpu, float * out) {
     aquakv_row_layout l;
     if (n_rows <= 0 || !layout_ok(n_channels, group_size, grid_dim, grid_size, l)) {
         return -1;
     }
     ggml_tensor * codes = nullptr, * g = nullptr, * res = nullptr;
-    return run_op("decode", n_threads,
+    return run_op("decode", n_threads, gpu,
         [&](ggml_context * ctx) {
             codes = ggml_new_tensor_2d(ctx, GGML_TYPE_I8, (int64_t) l.row_bytes, n_rows);
             g     = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, grid_dim, grid_size);

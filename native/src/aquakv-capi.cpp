@@ -203,7 +203,7 @@ struct llama_model * aquakv_model_load(
 struct llama_context * aquakv_context_new(
         struct llama_model * model, uint32_t n_ctx, uint32_t n_batch, uint32_t n_ubatch,
         uint32_t n_seq_max, int32_t n_threads, int32_t type_k, int32_t type_v,
-        int32_t flash_attn, bool kv_unified, bool offload_kqv) {
+        int32_t flash_attn, bool kv_unified, bool offload_kqv, bool op_offload) {
     try {
         llama_context_params params = llama_context_default_params();
         params.n_ctx = n_ctx;
@@ -229,6 +229,7 @@ struct llama_context * aquakv_context_new(
         params.flash_attn_type = (enum llama_flash_attn_type) flash_attn;
         params.kv_unified      = kv_unified;
         params.offload_kqv     = offload_kqv;
+        params.op_offload      = op_offload;
         if (const char * dir = std::getenv("AQUAKV_DEBUG_DUMP_DIR")) {
             // debugging aid: every computed tensor whose name starts with "aquakv_" is appended to
             // DIR/<name>.f32 (float32 rows), so the native reconstructions can be compared with the

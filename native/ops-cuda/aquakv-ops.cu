@@ -1,0 +1,56 @@
+// ggml-cuda dispatch of the AQUA-KV ops (the kernels are in aquakv-kernels.cu).
+#include "aquakv-ops-cuda.cuh"
+#include "aquakv-kernels.cuh"
+#include "aquakv-ops.h"
+
+namespace {
+
+aquakv_cuda_layout make_args(const ggml_tensor * op) {
+    const aquakv_row_layout l = aquakv_layout_from_op(op);
+    return { l.n_channels, l.group_size, l.grid_dim, l.grid_size, l.bits, (int) l.code_bytes, (int) l.row_bytes };
+}
+
+} // namespace
+
+bool ggml_cuda_aquakv_supports_op(const ggml_tensor * op) {
+    aquakv_row_layout l;
+    if (!aquakv_make_layout(op->op_params[AQUAKV_P_N_CHANNELS], op->op_params[AQUAKV_P_GROUP_SIZE],
+                            op->op_params[AQUAKV_P_GRID_DIM], op->op_params[AQUAKV_P_GRID_SIZE], &l)) {
+        return false;
+    }
+    return l.grid_dim <= 4 && l.grid_size*l.grid_dim <= AQUAKV_MAX_GRID_FLOATS && l.grid_size <= 256 &&
+           l.n_channels/l.group_size <= AQUAKV_MAX_GROUPS && l.n_channels <= 8192;
+}
+
+void ggml_cuda_op_aquakv_store(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
+    const aquakv_cuda_layout L = make_args(dst);
+    const ggml_tensor * codes    = dst->src[0];
+    const ggml_tensor * resid    = dst->src[1];
+    const ggml_tensor * idx      = dst->src[2];
+    const ggml_tensor * grid     = dst->src[3];
+    const ggml_tensor * win      = dst->src[4];
+    const ggml_tensor * win_rows = dst->src[5];
+    const ggml_tensor * win_idx  = dst->src[6];
+    cudaStream_t stream = ctx.stream();
+    if (resid && resid->ne[1] > 0) {
+        CUDA_CHECK(aquakv_cuda_encode(stream, (const char *) resid->data, resid->nb[1], resid->ne[1],
+                                      (const int32_t *) idx->data, (char *) codes->data, codes->nb[1], codes->ne[1],
+                                      (const float *) grid->data, L));
+    }
+    if (win && win_rows->ne[1] > 0) {
+        CUDA_CHECK(aquakv_cuda_window(stream, (const char *) win_rows->data, win_rows->nb[1], win_rows->ne[1],
+                                      (const int32_t *) win_idx->data, (char *) win->data, win->nb[1], win->ne[1],
+                                      L.n_channels));
+    }
+}
+
+void ggml_cuda_op_aquakv_decode(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
+    const aquakv_cuda_layout L = make_args(dst);
+    const ggml_tensor * codes = dst->src[0];
+    if (ggml_nelements(dst) == 0) {
+        return;
+    }
+    CUDA_CHECK(aquakv_cuda_decode(ctx.stream(), (const char *) codes->data, codes->nb[1], codes->nb[2], codes->nb[3],
+                                  codes->ne[1], codes->ne[2], codes->ne[3], (char *) dst->data, dst->nb[1], dst->nb[2],
+                                  dst->nb[3], (const float *) dst->src[1]->data, L));
+}
