@@ -276,7 +276,7 @@ def convert(model: str | os.PathLike[str], out: str | os.PathLike[str], *, bits:
 
         if kind == "hf":
             t1 = time.perf_counter()
-            from aquakv_gguf.testing.tiny_model import convert_hf_to_gguf
+            from aquakv_gguf.gguf_io.hf_convert import convert_hf_to_gguf
 
             src_gguf = Path(tmp) / f"{model.name or 'model'}.gguf"
             log.info("converting %s to GGUF (%s) with the pinned convert_hf_to_gguf.py", model, outtype)
