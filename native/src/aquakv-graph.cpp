@@ -215,21 +215,25 @@ ggml_tensor * aquakv_build_attn(const llm_graph_context & gctx, llm_graph_input_
     // rows == nullptr: predictions for every attended cell; else for the rows listed
     auto gather = [&](ggml_tensor * x, ggml_tensor * rows) { return rows ? ggml_get_rows(ctx0, x, rows) : x; };
     // f32 products, as the reference computes them: a f16 weight would round the activations to
-    // f16 on the CPU (its vec_dot type) and flip near-tie codes between encode and the oracle
-    auto mm = [&](ggml_tensor * w, ggml_tensor * x) {
-        return ggml_mul_mat(ctx0, w->type == GGML_TYPE_F32 ? w : ggml_cast(ctx0, w, GGML_TYPE_F32), x);
+    // f16 on the CPU (its vec_dot type) and flip near-tie codes between encode and the oracle.
+    // Cast once per layer: the encode and the read predictions share the weights.
+    auto as_f32 = [&](ggml_tensor * w) {
+        return w == nullptr || w->type == GGML_TYPE_F32 ? w : ggml_cast(ctx0, w, GGML_TYPE_F32);
     };
+    ggml_tensor * k_w   = as_f32(P.k_pred_w);
+    ggml_tensor * v_k_w = as_f32(P.v_pred_k_w);
+    ggml_tensor * v_v_w = as_f32(P.v_pred_v_w);
 
     ggml_tensor * k_hat = store_and_read(k_new, storage_of(ai->mctx->get_k(ctx0, il)), cache->win_k(il),
         [&](ggml_tensor * rows) {
-            return ggml_add(ctx0, mm(P.k_pred_w, gather(ai->k_hat_prev, rows)), P.k_pred_b);
+            return ggml_add(ctx0, ggml_mul_mat(ctx0, k_w, gather(ai->k_hat_prev, rows)), P.k_pred_b);
         });
     gctx.cb(k_hat, "aquakv_k_hat", il);
 
     ggml_tensor * v_hat = store_and_read(v_new, storage_of(ai->mctx->get_v(ctx0, il)), cache->win_v(il),
         [&](ggml_tensor * rows) {
-            ggml_tensor * p = ggml_add(ctx0, mm(P.v_pred_k_w, gather(k_hat, rows)),
-                                             mm(P.v_pred_v_w, gather(ai->v_hat_prev, rows)));
+            ggml_tensor * p = ggml_add(ctx0, ggml_mul_mat(ctx0, v_k_w, gather(k_hat, rows)),
+                                             ggml_mul_mat(ctx0, v_v_w, gather(ai->v_hat_prev, rows)));
             return ggml_add(ctx0, p, P.v_pred_b);
         });
     gctx.cb(v_hat, "aquakv_v_hat", il);

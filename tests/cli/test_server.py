@@ -10,10 +10,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
-
+from contextlib import contextmanager
 
 from aquakv_gguf.server import server_command
-
 from aquakv_gguf.testing.gpu import test_n_gpu_layers
 
 NGL = test_n_gpu_layers()
@@ -35,40 +34,49 @@ def http(url: str, payload: dict | None = None, timeout: float = 60.0) -> tuple[
         return e.code, {}
 
 
-def test_server_health_completion_and_clean_stop(tiny_llama_gguf, tmp_path):
+@contextmanager
+def server(model, tmp_path, *args: str, stop_timeout: float = 60.0):
+    """Start llama-server from the package on a free loopback port; yield (base URL, log path).
+
+    On exit: SIGINT, then the server must stop within ``stop_timeout`` s with status 0.
+    """
     port = free_port()
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "aquakv_gguf.server", str(tiny_llama_gguf), "--port", str(port),
-                             "-c", "512", "-np", "1", "-t", "2", "-ngl", str(NGL)], stdout=log, stderr=subprocess.STDOUT)
+    log_path = tmp_path / f"server-{port}.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "aquakv_gguf.server", str(model), "--port", str(port), "-t", "2",
+                             "-ngl", str(NGL), *args], stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
-        status = None
-        while time.time() < deadline:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
             try:
-                status, body = http(base + "/health", timeout=5)
-                if status == 200:
+                if http(base + "/health", timeout=5)[0] == 200:
                     break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
+            assert time.time() < deadline, "server did not become healthy"
             time.sleep(0.5)
-        assert status == 200, "server did not become healthy"
+        yield base, log_path
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.wait(timeout=stop_timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError(f"llama-server did not stop within {stop_timeout:.0f} s of SIGINT") from None
+        log.close()
+    assert rc == 0, log_path.read_text()[-3000:]
+
+
+def test_server_health_completion_and_clean_stop(tiny_llama_gguf, tmp_path):
+    with server(tiny_llama_gguf, tmp_path, "-c", "512", "-np", "1", stop_timeout=30) as (base, _):
         status, body = http(base + "/completion", {"prompt": "Once upon a time", "n_predict": 8,
                                                    "temperature": 0, "cache_prompt": False})
         assert status == 200
         assert body["tokens_predicted"] == 8
         assert isinstance(body["content"], str) and body["content"]
-        assert listening_addresses(port) == {"127.0.0.1"}
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            rc = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise AssertionError("llama-server did not stop within 30 s of SIGINT")
-        log.close()
-    assert rc == 0, (tmp_path / "server.log").read_text()[-3000:]
+        assert listening_addresses(int(base.rsplit(":", 1)[1])) == {"127.0.0.1"}
 
 
 def listening_addresses(port: int) -> set[str]:

@@ -8,58 +8,17 @@ AQUA-KV may diverge too, but no earlier than the f16 cache does. Both are measur
 from __future__ import annotations
 
 import concurrent.futures as cf
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
+from test_server import http, server  # same folder (pytest puts it on sys.path)
 
-from aquakv_gguf.testing.gpu import test_n_gpu_layers
-
-from test_server import free_port, http  # same folder (pytest puts it on sys.path)
-
-NGL = test_n_gpu_layers()
 PROMPT_WORDS = ("It is a truth universally acknowledged that a single man in possession of a good fortune "
                 "must be in want of a wife . ").split()
 
 
 def prompt(n_words: int, shift: int = 0) -> str:
     return " ".join(PROMPT_WORDS[(i + shift) % len(PROMPT_WORDS)] for i in range(n_words))
-
-
-@contextmanager
-def server(model, tmp_path, *args: str):
-    port = free_port()
-    log_path = tmp_path / f"server-{port}.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "aquakv_gguf.server", str(model), "--port", str(port), "-t", "2",
-                             "-ngl", str(NGL), *args], stdout=log, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            try:
-                if http(base + "/health", timeout=5)[0] == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            assert time.time() < deadline, "server did not become healthy"
-            time.sleep(0.5)
-        yield base, log_path
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            rc = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise AssertionError("llama-server did not stop within 60 s of SIGINT") from None
-        log.close()
-    assert rc == 0, log_path.read_text()[-3000:]
 
 
 def completion(base: str, text: str, n_predict: int, **kw) -> dict:
