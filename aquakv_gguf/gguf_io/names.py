@@ -11,6 +11,8 @@ KEY_GRID0_SIZE = "aquakv.grid0.size"
 KEY_GROUP_SIZE = "aquakv.group_size"
 KEY_PREFIX_TOKENS = "aquakv.prefix_tokens"
 KEY_RECENT_TOKENS = "aquakv.recent_tokens"
+# optional: predictor weights are block-diagonal with blocks of this size (absent or = C: dense)
+KEY_PREDICTOR_BLOCK = "aquakv.predictor.block_size"
 CALIBRATION_PREFIX = "aquakv.calibration."
 
 TENSOR_GRID = "aquakv.grid"

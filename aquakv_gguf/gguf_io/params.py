@@ -50,6 +50,9 @@ class AquaKVParams:
     channel_order says whether key channels follow Hugging Face (rotate_half pairs) or llama.cpp
     (rows permuted by convert_hf_to_gguf.py for Llama-family models).
     calibration: free-form provenance (text source, tokens, seed, per-layer held-out relMSE).
+    predictor_block_size: 0 for dense predictor weights; else N dividing C: every weight is
+    block-diagonal with ``C/N`` blocks ``[N, N]`` (zeros elsewhere, still stored ``[C, C]``), which
+    lets the cache multiply by the blocks alone (C/N times fewer FLOPs).
     """
 
     grid: np.ndarray
@@ -63,6 +66,7 @@ class AquaKVParams:
     predictors: list[LayerPredictor | None]
     channel_order: ChannelOrder = "hf"
     calibration: dict[str, Any] = field(default_factory=dict)
+    predictor_block_size: int = 0
 
     @property
     def n_channels(self) -> int:
@@ -76,6 +80,11 @@ class AquaKVParams:
     @property
     def bits0(self) -> float:
         return float(np.log2(self.grid0.shape[0]) / self.grid0.shape[1])
+
+    @property
+    def block_size(self) -> int:
+        """Predictor block size N (C when dense)."""
+        return self.predictor_block_size or self.n_channels
 
     def predictor_bytes(self, weight_bytes: int = 2, bias_bytes: int = 4) -> int:
         """Stored size of all predictors (f16 weights and f32 biases by default)."""
@@ -128,3 +137,15 @@ def permute_predictor(pred: LayerPredictor, perm: np.ndarray) -> LayerPredictor:
         v_weight_v=pred.v_weight_v.copy(),
         v_bias=pred.v_bias.copy(),
     )
+
+
+def off_block_max(w: np.ndarray, block: int) -> float:
+    """Largest |entry| of ``w: [C, C]`` outside its diagonal ``[block, block]`` blocks (0.0 when dense)."""
+    c = w.shape[0]
+    if block >= c:
+        return 0.0
+    nb = c // block
+    blocks = np.abs(w).reshape(nb, block, nb, block)
+    off = blocks.copy()
+    off[np.arange(nb), :, np.arange(nb), :] = 0
+    return float(off.max(initial=0.0))

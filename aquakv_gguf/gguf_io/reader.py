@@ -17,7 +17,7 @@ import numpy as np
 
 from . import names
 from .errors import AquaKVFormatError
-from .params import AquaKVParams, LayerPredictor
+from .params import AquaKVParams, LayerPredictor, off_block_max
 from .rawgguf import RawGGUF
 
 
@@ -128,6 +128,9 @@ def read_aqua_gguf(path: str | os.PathLike[str]) -> AquaKVParams:
     dim = meta[names.KEY_GRID_DIM]
     if dim <= 0 or c % dim:
         raise AquaKVFormatError(f"{path}: aquakv.grid.dim {dim} does not divide C = {c}")
+    block = _uniform_int(_field(raw, names.KEY_PREDICTOR_BLOCK, 0, required=False), names.KEY_PREDICTOR_BLOCK, path)
+    if block and (block < 0 or c % block):
+        raise AquaKVFormatError(f"{path}: {names.KEY_PREDICTOR_BLOCK} {block} must divide C = {c}")
     tensors = {t.name: t for t in raw.tensors}
 
     def get(name: str, shape: tuple[int, ...], allow_f16: bool) -> np.ndarray:
@@ -156,6 +159,9 @@ def read_aqua_gguf(path: str | os.PathLike[str]) -> AquaKVParams:
         for field, template in names.LAYER_TENSORS.items():
             shape = (c, c) if field in names.WEIGHT_FIELDS else (c,)
             arrays[field] = get(template.format(layer=layer), shape, field in names.WEIGHT_FIELDS)
+            if field in names.WEIGHT_FIELDS and block and (off := off_block_max(arrays[field], block)) > 0:
+                raise AquaKVFormatError(f"{path}: tensor {template.format(layer=layer)} has entry {off:g} outside "
+                                        f"its diagonal {block}x{block} blocks ({names.KEY_PREDICTOR_BLOCK} = {block})")
         predictors.append(LayerPredictor(**arrays))
     expected = {names.TENSOR_GRID, names.TENSOR_GRID0} | {
         template.format(layer=layer) for layer in range(1, dims.n_layers) for template in names.LAYER_TENSORS.values()}
@@ -169,7 +175,8 @@ def read_aqua_gguf(path: str | os.PathLike[str]) -> AquaKVParams:
         grid=grid, grid0=grid0, group_size=group,
         prefix_tokens=meta[names.KEY_PREFIX_TOKENS], recent_tokens=meta[names.KEY_RECENT_TOKENS],
         n_layers=dims.n_layers, n_kv_heads=dims.n_kv_heads, head_dim=dims.head_dim,
-        predictors=predictors, channel_order="llama.cpp", calibration=calibration)
+        predictors=predictors, channel_order="llama.cpp", calibration=calibration,
+        predictor_block_size=0 if block == c else block)
 
 
 def validate_aqua_gguf(path: str | os.PathLike[str]) -> AquaKVParams:

@@ -19,7 +19,7 @@ from gguf import GGUFValueType
 
 from . import names
 from .errors import AquaKVFormatError
-from .params import AquaKVParams
+from .params import AquaKVParams, off_block_max
 from .rawgguf import RawGGUF, rewrite
 
 log = logging.getLogger(__name__)
@@ -78,16 +78,21 @@ def aquakv_metadata(params: AquaKVParams) -> list[tuple[str, Any, GGUFValueType,
         (names.KEY_PREFIX_TOKENS, int(params.prefix_tokens), u32, None),
         (names.KEY_RECENT_TOKENS, int(params.recent_tokens), u32, None),
     ]
+    if params.predictor_block_size:
+        rows.append((names.KEY_PREDICTOR_BLOCK, int(params.predictor_block_size), u32, None))
     for key, value in params.calibration.items():
         rows.append((names.CALIBRATION_PREFIX + key, *_calibration_value(value)))
     return rows
 
 
-def _check_params(params: AquaKVParams) -> None:
+def check_params(params: AquaKVParams) -> None:
     if params.channel_order != "llama.cpp":
         raise ValueError("write_aqua_gguf needs predictors in llama.cpp channel order "
                          "(use params.with_channel_order('llama.cpp', permutes_qk=...))")
     c = params.n_channels
+    block = params.block_size
+    if block <= 0 or c % block:
+        raise ValueError(f"predictor_block_size {params.predictor_block_size} must divide C = {c}")
     if len(params.predictors) != params.n_layers or params.predictors[0] is not None:
         raise ValueError(f"need {params.n_layers} predictor slots with None at layer 0")
     for layer, pred in enumerate(params.predictors[1:], start=1):
@@ -97,6 +102,9 @@ def _check_params(params: AquaKVParams) -> None:
             want = (c, c) if field in names.WEIGHT_FIELDS else (c,)
             if arr.shape != want:
                 raise ValueError(f"layer {layer} {field}: shape {arr.shape}, expected {want}")
+            if field in names.WEIGHT_FIELDS and (off := off_block_max(arr, block)) > 0:
+                raise ValueError(f"layer {layer} {field}: entry {off:g} outside the diagonal {block}x{block} "
+                                 f"blocks of a block-diagonal predictor (predictor_block_size {block})")
 
 
 def write_aqua_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], params: AquaKVParams, *,
@@ -108,7 +116,7 @@ def write_aqua_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], pa
     """
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
-    _check_params(params)
+    check_params(params)
     if dst.exists() and src.exists() and os.path.samefile(src, dst):
         raise AquaKVFormatError(f"refusing to overwrite the input model {src}")
     raw = RawGGUF(src)

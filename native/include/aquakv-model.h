@@ -32,6 +32,7 @@ struct aquakv_model_data {
     uint32_t prefix_tokens = 0;  // P: attention-sink tokens kept in f16
     uint32_t recent_tokens = 0;  // W: recent tokens kept in f16 until a chunk is quantized
     uint32_t n_channels    = 0;  // C
+    uint32_t block_size    = 0;  // N: predictor weights are block-diagonal with [N, N] blocks (N = C: dense)
     bool     enabled       = true;  // aquakv.enabled (override) / AQUAKV_ENABLED: use the AQUA-KV cache
 
     ggml_tensor * grid  = nullptr;  // [d, n] f32

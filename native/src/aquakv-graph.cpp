@@ -14,7 +14,11 @@
 #include "llama-graph.h"
 #include "llama-impl.h"
 
+#include "ggml-backend.h"
+
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace {
@@ -106,6 +110,65 @@ ggml_tensor * as_rows(ggml_context * ctx, ggml_tensor * x, int64_t n_channels) {
         x = ggml_cont(ctx, x);
     }
     return ggml_reshape_2d(ctx, x, n_channels, ggml_nelements(x)/n_channels);
+}
+
+// How the predictor products are computed (docs/PERF.md).
+//   f32: the weights are cast to f32 once per layer, so the products are the reference's f32
+//        products: on the CPU a f16 weight would round the activations to f16 (its vec_dot type)
+//        and flip near-tie codes between encode and the oracle.
+//   f16: the stored f16 weights as they are: on CUDA cuBLAS then runs the products on tensor
+//        cores, several times faster than f32 SGEMM over all attended cells.
+// auto (default): f16 when the weights live in a GPU buffer, f32 otherwise. AQUAKV_PREDICT_PREC
+// = f32 / f16 / auto overrides it (benchmarks, tests).
+struct aquakv_predictor_form {
+    bool    f16    = false;
+    int64_t block  = 0;  // N: [N, N] diagonal blocks
+    int64_t n_blk  = 1;  // C/N
+};
+
+aquakv_predictor_form aquakv_predictor_form_for(const ggml_tensor * w, const aquakv_model_data & md) {
+    // read at every graph build, so a process (a test) may switch it between contexts
+    const char * env = std::getenv("AQUAKV_PREDICT_PREC");
+    std::string prec = env && *env ? env : "auto";
+    if (prec != "auto" && prec != "f32" && prec != "f16") {
+        LLAMA_LOG_WARN("aquakv: AQUAKV_PREDICT_PREC must be auto, f32 or f16, got '%s': using auto\n", prec.c_str());
+        prec = "auto";
+    }
+    aquakv_predictor_form form;
+    const bool on_gpu = w != nullptr && w->buffer != nullptr && !ggml_backend_buffer_is_host(w->buffer);
+    form.f16   = w != nullptr && w->type == GGML_TYPE_F16 && (prec == "f16" || (prec == "auto" && on_gpu));
+    form.block = md.block_size;
+    form.n_blk = (int64_t) md.n_channels/md.block_size;
+    return form;
+}
+
+// w: [C, C] as stored -> [C, C] (dense) or its diagonal blocks [N, N, C/N], contiguous, in the
+// form's type; built once per layer and shared by the encode and the read products
+ggml_tensor * aquakv_predictor_weight(ggml_context * ctx, ggml_tensor * w, const aquakv_predictor_form & form) {
+    if (w == nullptr) {
+        return nullptr;  // layer 0 has no predictors
+    }
+    const ggml_type type = form.f16 ? GGML_TYPE_F16 : GGML_TYPE_F32;
+    if (form.n_blk == 1) {
+        return w->type == type ? w : ggml_cast(ctx, w, type);
+    }
+    const int64_t N = form.block;
+    // block b is rows b*N.., columns b*N..: a strided 3-D view of the diagonal
+    ggml_tensor * diag = ggml_view_3d(ctx, w, N, N, form.n_blk, w->nb[1], w->nb[1]*N + w->nb[0]*N, 0);
+    return w->type == type ? ggml_cont(ctx, diag) : ggml_cast(ctx, diag, type);
+}
+
+// w · x for x: F32 [C, T]: one matmul (dense) or C/N batched [N, N] x [N, T] products
+ggml_tensor * aquakv_predictor_product(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x,
+                                       const aquakv_predictor_form & form) {
+    if (form.n_blk == 1) {
+        return ggml_mul_mat(ctx, w, x);
+    }
+    const int64_t N = form.block;
+    const int64_t T = x->ne[1];
+    ggml_tensor * xb = ggml_permute(ctx, ggml_reshape_3d(ctx, x, N, form.n_blk, T), 0, 2, 1, 3);  // [N, T, C/N]
+    ggml_tensor * y  = ggml_mul_mat(ctx, w, xb);                                                   // [N, T, C/N]
+    return ggml_reshape_2d(ctx, ggml_cont(ctx, ggml_permute(ctx, y, 0, 2, 1, 3)), N*form.n_blk, T);
 }
 
 } // namespace
@@ -214,26 +277,22 @@ ggml_tensor * aquakv_build_attn(const llm_graph_context & gctx, llm_graph_input_
 
     // rows == nullptr: predictions for every attended cell; else for the rows listed
     auto gather = [&](ggml_tensor * x, ggml_tensor * rows) { return rows ? ggml_get_rows(ctx0, x, rows) : x; };
-    // f32 products, as the reference computes them: a f16 weight would round the activations to
-    // f16 on the CPU (its vec_dot type) and flip near-tie codes between encode and the oracle.
-    // Cast once per layer: the encode and the read predictions share the weights.
-    auto as_f32 = [&](ggml_tensor * w) {
-        return w == nullptr || w->type == GGML_TYPE_F32 ? w : ggml_cast(ctx0, w, GGML_TYPE_F32);
-    };
-    ggml_tensor * k_w   = as_f32(P.k_pred_w);
-    ggml_tensor * v_k_w = as_f32(P.v_pred_k_w);
-    ggml_tensor * v_v_w = as_f32(P.v_pred_v_w);
+    const aquakv_predictor_form form = aquakv_predictor_form_for(P.k_pred_w, md);
+    ggml_tensor * k_w   = aquakv_predictor_weight(ctx0, P.k_pred_w,   form);
+    ggml_tensor * v_k_w = aquakv_predictor_weight(ctx0, P.v_pred_k_w, form);
+    ggml_tensor * v_v_w = aquakv_predictor_weight(ctx0, P.v_pred_v_w, form);
+    auto product = [&](ggml_tensor * w, ggml_tensor * x) { return aquakv_predictor_product(ctx0, w, x, form); };
 
     ggml_tensor * k_hat = store_and_read(k_new, storage_of(ai->mctx->get_k(ctx0, il)), cache->win_k(il),
         [&](ggml_tensor * rows) {
-            return ggml_add(ctx0, ggml_mul_mat(ctx0, k_w, gather(ai->k_hat_prev, rows)), P.k_pred_b);
+            return ggml_add(ctx0, product(k_w, gather(ai->k_hat_prev, rows)), P.k_pred_b);
         });
     gctx.cb(k_hat, "aquakv_k_hat", il);
 
     ggml_tensor * v_hat = store_and_read(v_new, storage_of(ai->mctx->get_v(ctx0, il)), cache->win_v(il),
         [&](ggml_tensor * rows) {
-            ggml_tensor * p = ggml_add(ctx0, ggml_mul_mat(ctx0, v_k_w, gather(k_hat, rows)),
-                                             ggml_mul_mat(ctx0, v_v_w, gather(ai->v_hat_prev, rows)));
+            ggml_tensor * p = ggml_add(ctx0, product(v_k_w, gather(k_hat, rows)),
+                                             product(v_v_w, gather(ai->v_hat_prev, rows)));
             return ggml_add(ctx0, p, P.v_pred_b);
         });
     gctx.cb(v_hat, "aquakv_v_hat", il);

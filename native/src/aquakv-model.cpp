@@ -28,9 +28,11 @@ bool is_power_of_two(uint32_t x) {
 } // namespace
 
 std::string aquakv_model_data::describe() const {
-    return format("AQUA-KV v%u: %u-point grid (layer 0: %u) in R^%u, group %u, C = %u, %u sink + %u recent f16 tokens, cache %s",
-                  version, grid_size, grid0_size, grid_dim, group_size, n_channels, prefix_tokens, recent_tokens,
-                  enabled ? "on" : "off (aquakv.enabled / AQUAKV_ENABLED)");
+    return format("AQUA-KV v%u: %u-point grid (layer 0: %u) in R^%u, group %u, C = %u, %s predictors, %u sink + %u recent "
+                  "f16 tokens, cache %s",
+                  version, grid_size, grid0_size, grid_dim, group_size, n_channels,
+                  block_size == n_channels ? "dense" : format("%ux%u block-diagonal", block_size, block_size).c_str(),
+                  prefix_tokens, recent_tokens, enabled ? "on" : "off (aquakv.enabled / AQUAKV_ENABLED)");
 }
 
 aquakv_model_data * aquakv_load_model_data(llama_model_base & model) {
@@ -92,6 +94,11 @@ aquakv_model_data * aquakv_load_model_data(llama_model_base & model) {
         }
     }
     data->n_channels = C;
+    uint32_t block = 0;
+    data->block_size = ml.get_key(std::string("aquakv.predictor.block_size"), block, false) && block != 0 ? block : C;
+    if (C % data->block_size != 0) {
+        throw std::runtime_error(format("aquakv: aquakv.predictor.block_size %u does not divide C = %u", data->block_size, C));
+    }
     if (data->grid_dim == 0 || C % data->grid_dim != 0 || !is_power_of_two(data->group_size) ||
         C % data->group_size != 0 || data->group_size % data->grid_dim != 0 ||
         !is_power_of_two(data->grid_size) || !is_power_of_two(data->grid0_size)) {

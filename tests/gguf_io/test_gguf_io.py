@@ -192,3 +192,37 @@ def test_reader_errors(aqua_file, tiny_llama_gguf: Path, tmp_path: Path, gguf_ed
 def test_predictor_size_accounting() -> None:
     params = random_params()
     assert params.predictor_bytes() == (N_LAYERS - 1) * (3 * C * C * 2 + 2 * C * 4)
+
+
+def block_params(block: int) -> AquaKVParams:
+    """random_params with every weight reduced to its diagonal [block, block] blocks."""
+    params = random_params(seed=3)
+    mask = (np.arange(C)[:, None] // block == np.arange(C)[None, :] // block).astype(np.float32)
+    params.predictors = [None if p is None else p.map(lambda name, a: a * mask if a.ndim == 2 else a)
+                         for p in params.predictors]
+    params.predictor_block_size = block
+    return params
+
+
+def test_block_diagonal_predictors_round_trip_and_bad_blocks_are_refused(tiny_llama_gguf: Path, tmp_path: Path,
+                                                                         gguf_edit) -> None:
+    out = write_aqua_gguf(tiny_llama_gguf, tmp_path / "block.gguf", block_params(HEAD_DIM), progress=False)
+    back = read_aqua_gguf(out)
+    assert back.predictor_block_size == HEAD_DIM
+    assert RawGGUF(out).get("aquakv.predictor.block_size") == HEAD_DIM
+    assert read_aqua_gguf(tmp_path / "block.gguf").predictors[1].k_weight[0, HEAD_DIM] == 0
+    # dense files carry no block key and read back as dense
+    dense = write_aqua_gguf(tiny_llama_gguf, tmp_path / "dense.gguf", random_params(), progress=False)
+    assert RawGGUF(dense).get("aquakv.predictor.block_size") is None and read_aqua_gguf(dense).predictor_block_size == 0
+
+    wrong = random_params()
+    wrong.predictor_block_size = HEAD_DIM
+    with pytest.raises(ValueError, match="outside the diagonal 64x64 blocks"):
+        write_aqua_gguf(tiny_llama_gguf, tmp_path / "wrong.gguf", wrong, progress=False)
+    with pytest.raises(ValueError, match="must divide C = 128"):
+        write_aqua_gguf(tiny_llama_gguf, tmp_path / "odd.gguf", block_params(48), progress=False)
+    assert not (tmp_path / "wrong.gguf").exists() and not (tmp_path / "odd.gguf").exists()
+    with pytest.raises(AquaKVFormatError, match="outside its diagonal 32x32 blocks"):
+        read_aqua_gguf(gguf_edit(out, tmp_path / "b32.gguf", set_fields={"aquakv.predictor.block_size": 32}))
+    with pytest.raises(AquaKVFormatError, match="must divide C = 128"):
+        read_aqua_gguf(gguf_edit(out, tmp_path / "b48.gguf", set_fields={"aquakv.predictor.block_size": 48}))

@@ -108,6 +108,34 @@ def test_predictors_must_be_in_llama_cpp_channel_order(tiny3, hf_model, texts, t
     assert d_good * 20 < d_bad
 
 
+def test_block_diagonal_predictors_match_the_reference_and_their_dense_form(tiny3, hf_model, texts, tmp_path):
+    """aquakv.predictor.block_size makes the cache multiply by the diagonal blocks alone; the
+    result must be the reference's (which multiplies the dense matrix with its zeros)."""
+    from aquakv_gguf.runtime import log_tail
+    from aquakv_gguf.testing import random_aquakv_params
+
+    _, plain, _ = tiny3
+    params = random_aquakv_params(3, 2, 64, seed=3, block_size=64, scale=0.07)
+    block = write_aqua_gguf(plain, tmp_path / "block.aqua.gguf", params, progress=False)
+    dense = write_aqua_gguf(plain, tmp_path / "dense-form.aqua.gguf",
+                            dataclasses.replace(params, predictor_block_size=0), progress=False)
+    assert read_aqua_gguf(block).predictor_block_size == 64
+
+    ids = torch.tensor([texts[0]])
+    ref = stepwise_logits(hf_model, ids, make_cache(hf_model, ModeSpec("aqua", "aqua", params=params)), STEP)[0].numpy()
+    with Model(block, n_gpu_layers=NGL) as model:
+        assert "64x64 block-diagonal predictors" in log_tail()
+        with model.context(n_ctx=WINDOW) as ctx:
+            got_block = window_logits(ctx, texts[0], STEP)
+    got_dense = native_logits(dense, texts[:1])[0]
+    f16 = native_logits(block, texts[:1], aquakv=False)[0]
+    d_ref, d_dense, d_f16 = mean_kld(ref, got_block), mean_kld(got_dense, got_block), mean_kld(f16, got_block)
+    print(f"block-diagonal: KLD vs reference {d_ref:.2e}, vs dense form {d_dense:.2e}, vs f16 {d_f16:.2e}")
+    assert d_f16 > 1e-4, "the quantization must be visible for this test to mean anything"
+    assert d_ref < 0.05 * d_f16
+    assert d_dense < 0.05 * d_f16
+
+
 def test_cache_reports_its_sizes_and_plain_models_have_none(tiny3):
     _, plain, aqua = tiny3
     with Model(aqua, n_gpu_layers=NGL) as model, model.context(n_ctx=1024) as ctx:

@@ -1,0 +1,269 @@
+"""GPU benchmark of the AQUA-KV cache against llama.cpp's f16, q8_0 and q4_0 caches (issue 5).
+
+``run`` (on the GPU machine, one call): writes synthetic Llama-3.2-1B- and Llama-3.1-8B-shaped
+GGUFs with random Q4_0/Q8_0 weights and random AQUA-KV predictors of the right shapes
+(aquakv_gguf.testing.synth_gguf: no checkpoint, no hub), then runs llama-bench side by side
+for every cache: prompt processing (-p) and generation (-n) at each depth (-d), all layers on
+the GPU, flash attention on, one repetition.  It polls nvidia-smi for the peak GPU memory of
+each llama-bench process and measures the KV bytes at 32K context (AQUA-KV through the
+bindings' cache_info, the ordinary caches from their exact per-value sizes).  Raw llama-bench
+JSON, logs and a summary JSON go to --out.
+
+``report`` (anywhere): turns the summary JSON into the "gpu-cache" table of docs/RESULTS.md.
+
+Caches: f16, q8_0, q4_0 (the .aqua2 file with AQUAKV_ENABLED=0), aqua2 and aqua3 (dense
+predictors, products in the default precision: f16 on the GPU), and the variants of docs/PERF.md:
+aqua2-f32 (AQUAKV_PREDICT_PREC=f32) and aqua2-blk (per-head block-diagonal predictors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+CACHES = ["f16", "aqua2", "q8_0", "q4_0", "aqua3", "aqua2-blk", "aqua2-f32"]
+BYTES_PER_VALUE = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
+def _gpu_used_mib() -> int | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10).stdout
+        return int(out.split()[0])
+    except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+        return None
+
+
+class PeakGpuMemory:
+    """Largest nvidia-smi memory.used (MiB) seen while the block runs, polled every 0.2 s."""
+
+    def __init__(self) -> None:
+        self.peak: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            used = _gpu_used_mib()
+            if used is not None:
+                self.peak = used if self.peak is None else max(self.peak, used)
+            self._stop.wait(0.2)
+
+    def __enter__(self) -> PeakGpuMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def write_models(shape_key: str, weights: str, work: Path) -> dict[str, Path]:
+    """{variant: path} for the synthetic model of ``shape_key`` (aqua2, aqua3, aqua2-blk files)."""
+    import numpy as np
+
+    from aquakv_gguf.testing.aqua_params import random_aquakv_params
+    from aquakv_gguf.testing.synth_gguf import SHAPES, write_synthetic_llama
+
+    shape = SHAPES[shape_key]
+    c = shape.n_kv_channels
+    # entries of N(0, (0.3/sqrt(C))^2): spectral norm ~0.6, so the chain over layers stays bounded
+    scale = 0.3 / float(np.sqrt(c))
+    files = {}
+    for variant, points, block in (("aqua2", 16, 0), ("aqua3", 64, 0), ("aqua2-blk", 16, shape.head_dim)):
+        path = work / f"{shape_key}-{weights}.{variant}.gguf"
+        if not path.exists():
+            params = random_aquakv_params(shape.n_layer, shape.n_head_kv, shape.head_dim, seed=1, n_points=points,
+                                          scale=scale if block == 0 else scale * float(np.sqrt(c / block)),
+                                          block_size=block)
+            write_synthetic_llama(path, shape, weights=weights, aquakv=params, seed=0)
+        files[variant] = path
+    return files
+
+
+def cache_setup(cache: str, files: dict[str, Path]) -> tuple[Path, list[str], dict[str, str]]:
+    """(model file, extra llama-bench args, extra environment) of one cache configuration."""
+    if cache in BYTES_PER_VALUE:
+        return files["aqua2"], ["-ctk", cache, "-ctv", cache], {"AQUAKV_ENABLED": "0"}
+    if cache == "aqua2-f32":
+        return files["aqua2"], [], {"AQUAKV_ENABLED": "1", "AQUAKV_PREDICT_PREC": "f32"}
+    return files[cache], [], {"AQUAKV_ENABLED": "1", "AQUAKV_PREDICT_PREC": "auto"}
+
+
+def kv_mib(cache: str, files: dict[str, Path], n_ctx: int, shape_key: str) -> float:
+    """KV cache MiB at ``n_ctx`` cells: measured for AQUA-KV (codes + scales + f16 window), exact for the others."""
+    from aquakv_gguf.testing.synth_gguf import SHAPES
+
+    shape = SHAPES[shape_key]
+    if cache in BYTES_PER_VALUE:
+        return n_ctx * shape.n_layer * shape.n_kv_channels * 2 * BYTES_PER_VALUE[cache] / 2**20
+    from aquakv_gguf.runtime import Model
+
+    path, _, env = cache_setup(cache, files)
+    os.environ.update(env)
+    with Model(path, n_gpu_layers=99) as model, model.context(n_ctx=n_ctx, n_batch=512, n_ubatch=512) as ctx:
+        info = ctx.cache_info()
+    if info is None:
+        raise RuntimeError(f"{path}: the AQUA-KV cache is not active")
+    return (info["codes_bytes"] + info["window_bytes"]) / 2**20
+
+
+def run(args: argparse.Namespace) -> int:
+    from aquakv_gguf.paths import tool_path
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + args.budget_s
+    bench = str(tool_path("llama-bench"))
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                             capture_output=True, text=True).stdout.strip()
+    except OSError:
+        gpu = "no GPU (nvidia-smi not found): CPU run"
+    summary: dict = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "gpu": gpu,
+                     "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "pp": args.pp, "tg": args.tg,
+                     "depths": args.depths, "weights": args.weights, "shapes": {}}
+    summary_path = out / "summary.json"
+    for shape_key in args.shapes:
+        t0 = time.perf_counter()
+        files = write_models(shape_key, args.weights, work)
+        print(f"[bench] {shape_key}: models written in {time.perf_counter() - t0:.1f} s", flush=True)
+        res: dict = {"caches": {}}
+        summary["shapes"][shape_key] = res
+        for cache in args.caches:
+            left = deadline - time.monotonic()
+            if left < 20:
+                print(f"[bench] {shape_key} {cache}: skipped, {left:.0f} s of budget left", flush=True)
+                res["caches"][cache] = {"skipped": "out of time budget"}
+                continue
+            path, extra, env = cache_setup(cache, files)
+            cmd = [bench, "-m", str(path), "-ngl", "99", "-fa", "1", "-r", "1", "-p", str(args.pp), "-n", str(args.tg),
+                   "-d", ",".join(map(str, args.depths)), "-o", "jsonl", *extra]
+            t0 = time.perf_counter()
+            with PeakGpuMemory() as peak:
+                try:
+                    proc = subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True,
+                                          timeout=max(10.0, left - 10))
+                    rc, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+                except subprocess.TimeoutExpired as e:
+                    rc, stdout, stderr = -9, e.stdout or "", (e.stderr or "") + "\n[bench] timed out"
+                    stdout = stdout.decode() if isinstance(stdout, bytes) else stdout
+                    stderr = stderr.decode() if isinstance(stderr, bytes) else stderr
+            secs = time.perf_counter() - t0
+            (out / f"{shape_key}-{cache}.jsonl").write_text(stdout)
+            (out / f"{shape_key}-{cache}.log").write_text(" ".join(cmd) + "\n" + json.dumps(env) + "\n" + stderr[-20000:])
+            entry: dict = {"rc": rc, "seconds": round(secs, 1), "peak_gpu_mib": peak.peak, "env": env}
+            # one JSON line per finished test, so a run stopped by the time budget keeps what it measured
+            for line in stdout.splitlines():
+                try:
+                    r = json.loads(line)
+                    kind = "pp" if r["n_gen"] == 0 else "tg"
+                    entry.setdefault(kind, {})[str(r["n_depth"])] = r["avg_ts"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+            if rc != 0:
+                entry["error"] = stderr.strip().splitlines()[-1] if stderr.strip() else "no output"
+            print(f"[bench] {shape_key} {cache}: rc {rc} in {secs:.1f} s, peak {peak.peak} MiB, "
+                  f"pp {entry.get('pp')}, tg {entry.get('tg')}", flush=True)
+            res["caches"][cache] = entry
+            summary_path.write_text(json.dumps(summary, indent=1))
+        for cache in args.caches:
+            entry = res["caches"].get(cache, {})
+            if "skipped" in entry or deadline - time.monotonic() < 15:
+                continue
+            try:
+                entry["kv_mib_32k"] = round(kv_mib(cache, files, 32768, shape_key), 2)
+            except Exception as e:  # noqa: BLE001 - recorded, the table shows it
+                entry["kv_error"] = str(e)[:300]
+        summary_path.write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def _fmt(x: float | None, digits: int = 1) -> str:
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def report(args: argparse.Namespace) -> int:
+    from results_md import write_section
+
+    # several device calls may each have run part of the grid: later summaries fill in skipped entries
+    s: dict = {}
+    for path in args.summary:
+        part = json.loads(Path(path).read_text())
+        if not s:
+            s = {**part, "shapes": {}, "commands": [], "dates": []}
+        s["commands"].append(part["command"])
+        s["dates"].append(part["date"])
+        for shape_key, res in part["shapes"].items():
+            caches = s["shapes"].setdefault(shape_key, {"caches": {}})["caches"]
+            for cache, entry in res["caches"].items():
+                if "skipped" not in entry or cache not in caches:
+                    caches[cache] = entry
+    depths = [str(d) for d in s["depths"]]
+    lines = [f"Synthetic llama-architecture models with random {s['weights'].upper()} weights and random AQUA-KV "
+             f"predictors (`aquakv_gguf/testing/synth_gguf.py`), llama-bench -ngl 99 -fa 1 -r 1, "
+             f"pp{s['pp']} and tg{s['tg']} tokens/s at each depth; peak GPU memory from nvidia-smi during the run; "
+             f"KV MiB at 32K cells (AQUA-KV: measured codes + scales + f16 window). Raw output: `{args.raw}`.", ""]
+    for shape_key, res in s["shapes"].items():
+        caches = res["caches"]
+        f16 = caches.get("f16", {})
+        head = (["cache", "KV MiB @32K", "KV vs f16", "peak GPU MiB"] + [f"pp d{d}" for d in depths]
+                + [f"tg d{d}" for d in depths] + [f"pp/f16 d{depths[-1]}", f"tg/f16 d{depths[-1]}"])
+        lines += [f"### {shape_key} shape", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for cache, e in caches.items():
+            if "skipped" in e:
+                lines.append(f"| {cache} | skipped: {e['skipped']} |" + " |" * (len(head) - 2))
+                continue
+            kv, kv16 = e.get("kv_mib_32k"), f16.get("kv_mib_32k")
+            pp, tg = e.get("pp", {}), e.get("tg", {})
+            last = depths[-1]
+
+            def ratio(kind: str, e=e, last=last) -> str:
+                a, b = e.get(kind, {}).get(last), f16.get(kind, {}).get(last)
+                return "—" if a is None or not b else f"{a / b:.2f}×"
+
+            row = [cache, _fmt(kv), "—" if kv is None or not kv16 else f"1/{kv16 / kv:.1f}", str(e.get("peak_gpu_mib"))]
+            row += [_fmt(pp.get(d)) for d in depths] + [_fmt(tg.get(d)) for d in depths] + [ratio("pp"), ratio("tg")]
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+    write_section("gpu-cache", "GPU: AQUA-KV vs f16/q8_0/q4_0 caches (issue 5)", "\n".join(lines),
+                  command=" ; ".join(dict.fromkeys(s["commands"])),
+                  machine=s["gpu"] + f" (device machine), runs of {', '.join(s['dates'])}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="write the models and run llama-bench (GPU machine)")
+    r.add_argument("--shapes", nargs="+", default=["1b", "8b"], choices=["1b", "8b", "tiny"])
+    r.add_argument("--weights", default="q4_0", choices=["q4_0", "q8_0"])
+    r.add_argument("--caches", nargs="+", default=CACHES, choices=CACHES)
+    r.add_argument("--depths", nargs="+", type=int, default=[0, 4096, 16384, 32768])
+    r.add_argument("--pp", type=int, default=512)
+    r.add_argument("--tg", type=int, default=128)
+    r.add_argument("--work", default="/tmp/aquakv-synth", help="folder for the synthetic GGUFs")
+    r.add_argument("--out", required=True, help="folder for raw outputs and summary.json")
+    r.add_argument("--budget-s", type=float, default=86400.0, help="stop starting new runs after this many seconds")
+    p = sub.add_parser("report", help="write the docs/RESULTS.md table from a summary.json")
+    p.add_argument("summary", nargs="+", help="summary.json files, later ones filling in what earlier ones skipped")
+    p.add_argument("--raw", default="bench/results/", help="where the raw output is kept (named in the text)")
+    args = ap.parse_args(argv)
+    return run(args) if args.cmd == "run" else report(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

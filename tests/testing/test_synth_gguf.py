@@ -1,0 +1,47 @@
+"""The synthetic-shape GGUF writer used by the GPU benchmark: its files load and run in llama.cpp."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+
+from aquakv_gguf.eval.native_perplexity import window_logits
+from aquakv_gguf.gguf_io import read_aqua_gguf
+from aquakv_gguf.runtime import Model
+from aquakv_gguf.testing.aqua_params import random_aquakv_params
+from aquakv_gguf.testing.gpu import test_n_gpu_layers
+from aquakv_gguf.testing.synth_gguf import SHAPES, write_synthetic_llama
+
+SHAPE = SHAPES["tiny"]
+
+
+@pytest.mark.parametrize("weights", ["q4_0", "q8_0"])
+def test_synthetic_model_has_the_shapes_and_runs_with_and_without_aquakv(weights, tmp_path):
+    params = random_aquakv_params(SHAPE.n_layer, SHAPE.n_head_kv, SHAPE.head_dim, seed=1, scale=0.03)
+    path = write_synthetic_llama(tmp_path / "m.aqua.gguf", SHAPE, weights=weights, aquakv=params, progress=False)
+    assert not list(tmp_path.glob("*.tmp"))
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    assert tensors["blk.1.attn_k.weight"].tensor_type.name == weights.upper()
+    assert list(tensors["blk.1.attn_k.weight"].shape) == [SHAPE.n_embd, SHAPE.n_kv_channels]
+    assert list(tensors["blk.0.ffn_down.weight"].shape) == [SHAPE.n_ff, SHAPE.n_embd]
+    assert read_aqua_gguf(path).n_layers == SHAPE.n_layer
+
+    tokens = list(map(int, np.random.default_rng(0).integers(300, SHAPE.n_vocab, size=192)))
+    out = {}
+    for aquakv in (True, False):
+        with Model(path, n_gpu_layers=test_n_gpu_layers(), aquakv=aquakv) as model, model.context(n_ctx=256) as ctx:
+            assert (ctx.cache_info() is not None) == aquakv
+            out[aquakv] = window_logits(ctx, tokens, 32)
+    assert out[True].shape == (len(tokens), SHAPE.n_vocab) and np.isfinite(out[True]).all()
+    assert out[True].std() > 0.01, "random weights must give non-degenerate logits"
+    assert 0 < np.abs(out[True] - out[False]).max(), "the AQUA-KV cache must change the logits a little"
+
+
+def test_mismatched_aquakv_params_are_refused(tmp_path):
+    params = random_aquakv_params(SHAPE.n_layer + 1, SHAPE.n_head_kv, SHAPE.head_dim)
+    with pytest.raises(ValueError, match="do not match tiny-shape"):
+        write_synthetic_llama(tmp_path / "m.gguf", SHAPE, aquakv=params, progress=False)
+    with pytest.raises(ValueError, match="weights must be one of"):
+        write_synthetic_llama(tmp_path / "m.gguf", SHAPE, weights="f16", progress=False)
+    assert not list(tmp_path.iterdir())
