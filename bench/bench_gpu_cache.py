@@ -9,7 +9,10 @@ each llama-bench process and measures the KV bytes at 32K context (AQUA-KV throu
 bindings' cache_info, the ordinary caches from their exact per-value sizes).  Raw llama-bench
 JSON, logs and a summary JSON go to --out.
 
-``report`` (anywhere): turns the summary JSON into the "gpu-cache" table of docs/RESULTS.md.
+``kv`` (anywhere): the AQUA-KV KV bytes at 32K cells, on KV twins of the shapes (same layers and
+KV heads, tiny everything else), for entries a device run had no time to measure.
+
+``report`` (anywhere): turns the summary JSONs into the "gpu-cache" table of docs/RESULTS.md.
 
 Caches: f16, q8_0, q4_0 (the .aqua2 file with AQUAKV_ENABLED=0), aqua2 and aqua3 (dense
 predictors, products in the default precision: f16 on the GPU), and the variants of docs/PERF.md:
@@ -158,9 +161,10 @@ def run(args: argparse.Namespace) -> int:
                                           timeout=max(10.0, left - 10))
                     rc, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
                 except subprocess.TimeoutExpired as e:
-                    rc, stdout, stderr = -9, e.stdout or "", (e.stderr or "") + "\n[bench] timed out"
-                    stdout = stdout.decode() if isinstance(stdout, bytes) else stdout
-                    stderr = stderr.decode() if isinstance(stderr, bytes) else stderr
+                    # the partial output comes back as bytes even with text=True
+                    def text(b: bytes | str | None) -> str:
+                        return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+                    rc, stdout, stderr = -9, text(e.stdout), text(e.stderr) + "\n[bench] timed out"
             secs = time.perf_counter() - t0
             (out / f"{shape_key}-{cache}.jsonl").write_text(stdout)
             (out / f"{shape_key}-{cache}.log").write_text(" ".join(cmd) + "\n" + json.dumps(env) + "\n" + stderr[-20000:])
@@ -192,6 +196,45 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def kv_twin(args: argparse.Namespace) -> int:
+    """KV MiB at 32K cells of the AQUA-KV variants, measured on a KV twin of each shape.
+
+    The cache's size depends only on the layers, KV heads, head size, grid and window, so a twin
+    with those and a tiny everything else (4 MiB instead of 4.7 GiB) gives the same bytes on any
+    machine; the result is a summary the report merges (it fills KV MiB where a device run had no
+    time left to measure it).
+    """
+    import numpy as np
+
+    from aquakv_gguf.runtime import Model
+    from aquakv_gguf.testing.aqua_params import random_aquakv_params
+    from aquakv_gguf.testing.synth_gguf import SHAPES, LlamaShape, write_synthetic_llama
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    out: dict = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                 "command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "shapes": {}}
+    for shape_key in args.shapes:
+        real = SHAPES[shape_key]
+        twin = LlamaShape(f"{real.name}-kv-twin", real.n_layer, real.n_kv_channels, real.n_head_kv, real.n_head_kv,
+                          real.head_dim, 256, 512, tied_embeddings=True)
+        caches = out["shapes"].setdefault(shape_key, {"caches": {}})["caches"]
+        for variant, points, block in (("aqua2", 16, 0), ("aqua3", 64, 0), ("aqua2-blk", 16, real.head_dim)):
+            params = random_aquakv_params(twin.n_layer, twin.n_head_kv, twin.head_dim, seed=1, n_points=points,
+                                          scale=0.3 / float(np.sqrt(twin.n_kv_channels)), block_size=block)
+            path = write_synthetic_llama(work / f"{shape_key}-kv-twin.{variant}.gguf", twin, aquakv=params,
+                                         progress=False)
+            with Model(path, n_gpu_layers=0) as model, model.context(n_ctx=32768, n_batch=512, n_ubatch=512) as ctx:
+                info = ctx.cache_info()
+            assert info is not None
+            caches[variant] = {"kv_mib_32k": round((info["codes_bytes"] + info["window_bytes"]) / 2**20, 2)}
+            if variant == "aqua2":
+                caches["aqua2-f32"] = dict(caches[variant])
+            print(f"[kv] {shape_key} {variant}: {caches[variant]['kv_mib_32k']} MiB at 32K cells", flush=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    return 0
+
+
 def _fmt(x: float | None, digits: int = 1) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
@@ -210,9 +253,15 @@ def report(args: argparse.Namespace) -> int:
         for shape_key, res in part["shapes"].items():
             caches = s["shapes"].setdefault(shape_key, {"caches": {}})["caches"]
             for cache, entry in res["caches"].items():
-                if "skipped" not in entry or cache not in caches:
+                if "skipped" not in entry:
+                    caches[cache] = {**caches.get(cache, {}), **entry}
+                elif cache not in caches:
                     caches[cache] = entry
     depths = [str(d) for d in s["depths"]]
+    for shape_key, res in s["shapes"].items():
+        for cache, e in res["caches"].items():
+            if cache in BYTES_PER_VALUE and "kv_mib_32k" not in e and "skipped" not in e:
+                e["kv_mib_32k"] = round(kv_mib(cache, {}, 32768, shape_key), 2)  # exact: no model needed
     lines = [f"Synthetic llama-architecture models with random {s['weights'].upper()} weights and random AQUA-KV "
              f"predictors (`aquakv_gguf/testing/synth_gguf.py`), llama-bench -ngl 99 -fa 1 -r 1, "
              f"pp{s['pp']} and tg{s['tg']} tokens/s at each depth; peak GPU memory from nvidia-smi during the run; "
@@ -239,6 +288,16 @@ def report(args: argparse.Namespace) -> int:
             row += [_fmt(pp.get(d)) for d in depths] + [_fmt(tg.get(d)) for d in depths] + [ratio("pp"), ratio("tg")]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
+    e8, f8 = s["shapes"].get("8b", {}).get("caches", {}).get("aqua2", {}), s["shapes"].get("8b", {}).get("caches", {}).get("f16", {})
+    last = depths[-1]
+    if e8.get("tg", {}).get(last) and f8.get("tg", {}).get(last):
+        tg_r = e8["tg"][last] / f8["tg"][last]
+        pp_r = e8["pp"][last] / f8["pp"][last]
+        kv_r = f8["kv_mib_32k"] / e8["kv_mib_32k"] if e8.get("kv_mib_32k") and f8.get("kv_mib_32k") else float("nan")
+        lines += [f"**Targets** (8B shape, depth {last}, AQUA-KV 2-bit vs f16): generation {tg_r:.2f}× "
+                  f"(target ≥ 0.5×: {'met' if tg_r >= 0.5 else 'NOT met'}), prompt processing {pp_r:.2f}× "
+                  f"(target ≥ 0.8×: {'met' if pp_r >= 0.8 else 'NOT met'}), KV at 32K 1/{kv_r:.1f} of f16 "
+                  f"(target ≤ 1/6: {'met' if kv_r >= 6 else 'NOT met'}). Variants and profile: docs/PERF.md.", ""]
     write_section("gpu-cache", "GPU: AQUA-KV vs f16/q8_0/q4_0 caches (issue 5)", "\n".join(lines),
                   command=" ; ".join(dict.fromkeys(s["commands"])),
                   machine=s["gpu"] + f" (device machine), runs of {', '.join(s['dates'])}")
@@ -261,8 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("report", help="write the docs/RESULTS.md table from a summary.json")
     p.add_argument("summary", nargs="+", help="summary.json files, later ones filling in what earlier ones skipped")
     p.add_argument("--raw", default="bench/results/", help="where the raw output is kept (named in the text)")
+    k = sub.add_parser("kv", help="KV MiB of the AQUA-KV variants at 32K cells, on KV twins of the shapes (any machine)")
+    k.add_argument("--shapes", nargs="+", default=["1b", "8b"], choices=["1b", "8b", "tiny"])
+    k.add_argument("--work", default="/tmp/aquakv-kv-twins")
+    k.add_argument("--out", required=True, help="summary JSON to pass to report after the device summaries")
     args = ap.parse_args(argv)
-    return run(args) if args.cmd == "run" else report(args)
+    return {"run": run, "report": report, "kv": kv_twin}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ if [[ $step == test || $step == all ]]; then
     # SmolLM2's tokenizer as transformers 5.24 saves it (older transformers there drop its
     # byte tokens when re-saving); the tiny test models take theirs from here
     tfver=$(python3 -c "import transformers; print(transformers.__version__)")
-    mkdir -p "$AQUAKV_CACHE_DIR/tokenizers" && cp -r .gpu_model/tokenizer "$AQUAKV_CACHE_DIR/tokenizers/smollm2-v1-tf$tfver"
+    tokdir=$AQUAKV_CACHE_DIR/tokenizers/smollm2-v1-tf$tfver
+    rm -rf "$tokdir" && mkdir -p "$tokdir" && cp -r .gpu_model/tokenizer/. "$tokdir/"  # idempotent: test may run twice
     export AQUAKV_TEST_N_GPU_LAYERS=99
     shift || true
     tests=("$@")

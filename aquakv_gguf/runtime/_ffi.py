@@ -57,6 +57,8 @@ int32_t aquakv_op_decode(const uint8_t * rows, int64_t n_rows, int32_t n_channel
                          int32_t grid_size, int32_t grid_dim, int32_t group_size, int32_t n_threads, bool gpu,
                          float * out);
 int32_t aquakv_context_cache_info(const struct llama_context * ctx, int64_t * out);
+void    aquakv_profile_reset(bool recording);
+int32_t aquakv_profile_write(const char * path);
 
 void llama_model_free(struct llama_model * model);
 void llama_free(struct llama_context * ctx);

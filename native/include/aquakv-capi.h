@@ -79,6 +79,12 @@ LLAMA_API int32_t aquakv_op_decode(
 // stream, out[3] = streams, out[4] = window slots per stream.
 LLAMA_API int32_t aquakv_context_cache_info(const struct llama_context * ctx, int64_t * out);
 
+// Per-op profile (contexts created while AQUAKV_PROFILE is set in the environment compute one
+// node at a time): reset clears the totals and turns recording on or off; write saves a TSV
+// (op, node name without layer, calls, seconds; slowest first) and returns its row count or -1.
+LLAMA_API void    aquakv_profile_reset(bool recording);
+LLAMA_API int32_t aquakv_profile_write(const char * path);
+
 #ifdef __cplusplus
 }
 #endif

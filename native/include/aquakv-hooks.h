@@ -3,6 +3,8 @@
 // recompiles upstream sources.
 #pragma once
 
+#include <cstdint>
+
 struct ggml_tensor;
 struct llama_cparams;
 struct llama_memory_params;
@@ -25,3 +27,7 @@ ggml_tensor * aquakv_build_attn(const llm_graph_context & gctx, llm_graph_input_
                                 ggml_tensor * wo, ggml_tensor * wo_b, ggml_tensor * wo_s,
                                 ggml_tensor * q_cur, ggml_tensor * k_cur, ggml_tensor * v_cur,
                                 ggml_tensor * kq_b, ggml_tensor * sinks, float kq_scale, int il);
+
+// llama_context::graph_max_nodes: extra graph nodes (and tensor objects) the AQUA-KV store/read
+// graph needs beyond the architecture's own; 0 unless the model's AQUA-KV cache is enabled.
+uint32_t aquakv_graph_extra_nodes(const llama_model & model);

@@ -1,6 +1,7 @@
 // aquakv-gguf: flat C API for the Python bindings (see native/include/aquakv-capi.h).
 
 #include "aquakv-capi.h"
+#include "aquakv-profile.h"
 
 #include "ggml.h"
 
@@ -251,6 +252,9 @@ struct llama_context * aquakv_context_new(
                 }
                 return true;
             };
+        }
+        if (std::getenv("AQUAKV_PROFILE") != nullptr) {
+            params.cb_eval = aquakv_profile_eval_callback;
         }
         return llama_init_from_model(model, params);
     } catch (const std::exception & e) {

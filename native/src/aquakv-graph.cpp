@@ -13,6 +13,7 @@
 
 #include "llama-graph.h"
 #include "llama-impl.h"
+#include "llama-model.h"
 
 #include "ggml-backend.h"
 
@@ -158,7 +159,7 @@ ggml_tensor * aquakv_predictor_weight(ggml_context * ctx, ggml_tensor * w, const
     return w->type == type ? ggml_cont(ctx, diag) : ggml_cast(ctx, diag, type);
 }
 
-// w · x for x: F32 [C, T]: one matmul (dense) or C/N batched [N, N] x [N, T] products
+// w · x for x: F32 [C, T]: one matmul (dense) or C/N batched [N, N] x [N] products
 ggml_tensor * aquakv_predictor_product(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x,
                                        const aquakv_predictor_form & form) {
     if (form.n_blk == 1) {
@@ -166,12 +167,30 @@ ggml_tensor * aquakv_predictor_product(ggml_context * ctx, ggml_tensor * w, ggml
     }
     const int64_t N = form.block;
     const int64_t T = x->ne[1];
+    if (T <= 65535) {
+        // x as [N, 1, C/N, T]: one matrix-vector product per (block, cell), w broadcast over the
+        // cells; the result [N, 1, C/N, T] is already x's layout, so no permute or copy (CUDA
+        // launches the cells on the grid's z dimension, at most 65535)
+        ggml_tensor * y = ggml_mul_mat(ctx, w, ggml_reshape_4d(ctx, x, N, 1, form.n_blk, T));
+        return ggml_reshape_2d(ctx, y, N*form.n_blk, T);
+    }
     ggml_tensor * xb = ggml_permute(ctx, ggml_reshape_3d(ctx, x, N, form.n_blk, T), 0, 2, 1, 3);  // [N, T, C/N]
     ggml_tensor * y  = ggml_mul_mat(ctx, w, xb);                                                   // [N, T, C/N]
     return ggml_reshape_2d(ctx, ggml_cont(ctx, ggml_permute(ctx, y, 0, 2, 1, 3)), N*form.n_blk, T);
 }
 
 } // namespace
+
+uint32_t aquakv_graph_extra_nodes(const llama_model & model) {
+    if (!model.aquakv || !model.aquakv->enabled) {
+        return 0;
+    }
+    // per layer, keys and values: the store (f16 rounding, gathers, prediction, encode) and the
+    // read (decode, prediction, window rows, RoPE) are ~60 objects; a block-diagonal product adds
+    // 5 reshapes/permutes to each of the 6 products and 2 per weight
+    const uint32_t per_layer = model.aquakv->block_size == model.aquakv->n_channels ? 96 : 160;
+    return per_layer*(uint32_t) model.aquakv->layers.size();
+}
 
 void aquakv_graph_add_inputs(const llm_graph_context & gctx, llm_graph_input_attn_kv & inp) {
     const auto * mctx = dynamic_cast<const llama_kv_cache_aqua_context *>(inp.mctx);
@@ -305,8 +324,17 @@ ggml_tensor * aquakv_build_attn(const llm_graph_context & gctx, llm_graph_input_
                                          k_cur->src[2], 0, 0, 0, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f);
     std::memcpy(k_rope->op_params, k_cur->op_params, sizeof(k_cur->op_params));
 
-    ggml_tensor * k = ggml_reshape_4d(ctx0, k_rope, head_dim, n_head_kv, n_kv, ns);
-    ggml_tensor * v = ggml_reshape_4d(ctx0, v_hat,  head_dim, n_head_kv, n_kv, ns);
+    // flash attention reads f16 K/V: cast here, while the rows are contiguous; left to
+    // build_attn_mha the cast would copy a permuted view, several times slower on CUDA
+    // (docs/PERF.md). Same values either way: f32 RoPE, then one rounding to f16.
+    ggml_tensor * k_att = k_rope;
+    ggml_tensor * v_att = v_hat;
+    if (gctx.cparams.flash_attn) {
+        k_att = ggml_cast(ctx0, k_rope, GGML_TYPE_F16);
+        v_att = ggml_cast(ctx0, v_hat,  GGML_TYPE_F16);
+    }
+    ggml_tensor * k = ggml_reshape_4d(ctx0, k_att, head_dim, n_head_kv, n_kv, ns);
+    ggml_tensor * v = ggml_reshape_4d(ctx0, v_att, head_dim, n_head_kv, n_kv, ns);
 
     ggml_build_forward_expand(gf, q_cur);
     ggml_tensor * cur = gctx.build_attn_mha(q_cur, k, v, kq_b, inp->get_kq_mask(), sinks, nullptr, 0, kq_scale, il);

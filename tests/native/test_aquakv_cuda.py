@@ -60,24 +60,33 @@ def test_cuda_codes_and_decode_match_the_cpu(n_points, n_channels, group_size):
 
 @needs_cuda
 def test_cuda_model_matches_the_cpu_run(tiny3_aqua):
+    """CUDA AQUA-KV vs CPU AQUA-KV logits: mean KLD <= 1e-3, top-1 agreement >= 99% where the CPU has
+    a clear winner. The random tiny model's next-token distributions are nearly flat (median top-2
+    margin ~0.05 nats over 32k tokens), so its top-1 among near-ties follows float noise of any
+    backend: the f16 cache's own CPU-vs-CUDA agreement is measured alongside as the baseline."""
     aqua = tiny3_aqua[2]
     rng = np.random.default_rng(5)
     windows = [list(map(int, rng.integers(100, 20000, size=512))) for _ in range(2)]
 
-    def logits(ngl):
-        with Model(aqua, n_gpu_layers=ngl) as model, model.context(n_ctx=512) as ctx:
-            return np.concatenate([window_logits(ctx, w, 32) for w in windows])
+    def logits(ngl, aquakv=True):
+        # the CPU run must not offload its large-batch ops to the GPU (op_offload), or it is
+        # partly a CUDA run itself
+        with Model(aqua, n_gpu_layers=ngl, aquakv=aquakv) as model, \
+                model.context(n_ctx=512, op_offload=ngl > 0) as ctx:
+            return log_softmax(np.concatenate([window_logits(ctx, w, 32) for w in windows]))
 
-    cpu, gpu = log_softmax(logits(0)), log_softmax(logits(99))
-    agree = cpu.argmax(-1) == gpu.argmax(-1)
-    # the random model's distributions are nearly flat: count top-1 where the CPU has a clear winner
-    top2 = np.sort(cpu, axis=-1)[:, -2:]
-    clear = (top2[:, 1] - top2[:, 0]) > 0.01
-    top1, top1_clear = float(agree.mean()), float(agree[clear].mean())
-    kld = float((np.exp(cpu) * (cpu - gpu)).sum(-1).mean())
-    print(f"CUDA vs CPU AQUA-KV: top-1 agreement {top1:.4f} (where the CPU's margin > 0.01 nats: {top1_clear:.4f} "
-          f"of {clear.sum()}), mean KLD {kld:.2e}")
-    assert clear.sum() >= 100
+    def compare(cpu, gpu):
+        agree = cpu.argmax(-1) == gpu.argmax(-1)
+        top2 = np.sort(cpu, axis=-1)[:, -2:]
+        clear = (top2[:, 1] - top2[:, 0]) > 0.1
+        kld = float((np.exp(cpu) * (cpu - gpu)).sum(-1).mean())
+        return float(agree.mean()), float(agree[clear].mean()), int(clear.sum()), kld
+
+    top1, top1_clear, n_clear, kld = compare(logits(0), logits(99))
+    b_top1, b_top1_clear, _, b_kld = compare(logits(0, aquakv=False), logits(99, aquakv=False))
+    print(f"CUDA vs CPU AQUA-KV: top-1 {top1:.4f}, where the CPU's margin > 0.1 nats {top1_clear:.4f} of {n_clear}, "
+          f"mean KLD {kld:.2e} | f16 cache CUDA vs CPU: top-1 {b_top1:.4f}, clear {b_top1_clear:.4f}, KLD {b_kld:.2e}")
+    assert n_clear >= 100
     assert top1_clear >= 0.99
     assert kld <= 1e-3
 

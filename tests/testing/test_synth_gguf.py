@@ -45,3 +45,18 @@ def test_mismatched_aquakv_params_are_refused(tmp_path):
     with pytest.raises(ValueError, match="weights must be one of"):
         write_synthetic_llama(tmp_path / "m.gguf", SHAPE, weights="f16", progress=False)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("block", [0, 32])
+def test_a_32_layer_model_fits_the_graph_budget(block, tmp_path):
+    """32 layers of AQUA-KV store/read nodes (block-diagonal products add reshapes and permutes)
+    must fit llama.cpp's graph object budget: patch 0006 adds aquakv_graph_extra_nodes."""
+    from aquakv_gguf.testing.synth_gguf import LlamaShape
+
+    shape = LlamaShape("deep", 32, 256, 4, 4, 64, 512, 1024, tied_embeddings=True, n_ctx_train=4096)
+    params = random_aquakv_params(32, 4, 64, seed=1, block_size=block, scale=0.02)
+    path = write_synthetic_llama(tmp_path / "deep.gguf", shape, aquakv=params, progress=False)
+    with Model(path, n_gpu_layers=test_n_gpu_layers()) as model, \
+            model.context(n_ctx=1024, n_batch=512, n_ubatch=512) as ctx:
+        out = ctx.decode(list(range(300, 812)), logits="all")
+    assert out.shape == (512, shape.n_vocab) and np.isfinite(out).all()
