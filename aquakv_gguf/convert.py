@@ -12,6 +12,9 @@ Bad input ends with one ``error: ...`` line and exit code 2, and never leaves a 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import functools
 import json
 import logging
 import os
@@ -19,6 +22,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +40,12 @@ from aquakv_gguf.calibrate import (
     recipe_for_gguf_arch,
     recipe_for_hf_config,
 )
-from aquakv_gguf.calibrate.chain import GRID_DIM, LAYER0_BITS, LayerReport
+from aquakv_gguf.calibrate.chain import (
+    GRID_DIM,
+    LAYER0_BITS,
+    LayerReport,
+    check_predictor_block,
+)
 from aquakv_gguf.calibrate.quantizer import bits_to_points
 from aquakv_gguf.gguf_io import (
     AquaKVFormatError,
@@ -160,12 +169,56 @@ def _load_hf_model(folder: Path, device: str) -> Any:
     return model.to(device).eval()
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once() -> Iterator[None]:
+    """Within this block, transformers parses a GGUF's metadata once instead of three times.
+
+    Loading a GGUF tokenizer and model calls transformers' ``load_gguf_checkpoint`` three times
+    (tokenizer config, model config, weights), each building a ``gguf.GGUFReader`` that parses
+    the whole vocabulary field by field, and rebuilds ``gguf.get_tensor_name_map`` once per
+    module (~400 times): about 25 of the ~40 s that SmolLM2 takes to load on two cores.  The
+    metadata-only calls share one result (deep-copied: callers edit it), readers are shared per
+    path (read-only memory maps) and the name map is cached.  If a transformers version imports
+    these names differently, the patches simply do not apply: loading stays correct, only slower.
+    """
+    import gguf
+    import transformers.modeling_gguf_pytorch_utils as tgguf
+
+    orig_reader, orig_name_map, orig_load = gguf.GGUFReader, gguf.get_tensor_name_map, tgguf.load_gguf_checkpoint
+    readers: dict[tuple[str, str], Any] = {}
+    metadata: dict[str, Any] = {}
+
+    def shared_reader(path: Any, mode: str = "r") -> Any:
+        key = (os.path.realpath(os.fspath(path)), mode)
+        if key not in readers:
+            readers[key] = orig_reader(path, mode)
+        return readers[key]
+
+    def load_once(gguf_checkpoint_path: Any, return_tensors: bool = False, *args: Any, **kwargs: Any) -> Any:
+        if return_tensors or args or kwargs:
+            return orig_load(gguf_checkpoint_path, return_tensors, *args, **kwargs)
+        key = os.path.realpath(os.fspath(gguf_checkpoint_path))
+        if key not in metadata:
+            metadata[key] = orig_load(gguf_checkpoint_path, return_tensors=False)
+        return copy.deepcopy(metadata[key])
+
+    gguf.GGUFReader = shared_reader
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(orig_name_map)
+    tgguf.load_gguf_checkpoint = load_once
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map, tgguf.load_gguf_checkpoint = orig_reader, orig_name_map, orig_load
+        readers.clear()
+
+
 def _load_gguf(path: Path, device: str) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        with _gguf_parsed_once():
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except Exception as exc:
         raise ConvertError(f"transformers could not load {path}: {_first_line(exc)}") from exc
     return model.to(device).eval(), tok
@@ -207,11 +260,14 @@ def convert(model: str | os.PathLike[str], out: str | os.PathLike[str], *, bits:
             group_size: int | None = None, calib_tokens: int | None = None, calib_text: str | os.PathLike[str] | None = None,
             calib_seq_len: int | None = None, seed: int = 0, device: str = "cpu", force: bool = False,
             outtype: str = "f16", also: dict[int, str | os.PathLike[str]] | None = None,
-            prefix_tokens: int = 4, recent_tokens: int = 128, progress: bool = True) -> ConvertSummary:
+            prefix_tokens: int = 4, recent_tokens: int = 128, predictor_block: int | None = None,
+            progress: bool = True) -> ConvertSummary:
     """Calibrate ``model`` and write ``out``; raises ConvertError/CalibrationError/AquaKVFormatError.
 
     ``also`` maps further bit widths to further outputs: they share the (slow) pass over the
-    model, each with its own chain of reconstructions and predictors.
+    model, each with its own chain of reconstructions and predictors.  ``predictor_block`` N
+    fits block-diagonal predictors with ``[N, N]`` blocks (typically N = head_dim: one block
+    per KV head); None is dense.
     """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -255,6 +311,10 @@ def convert(model: str | os.PathLike[str], out: str | os.PathLike[str], *, bits:
             tokenizer = None
         c = n_kv * head_dim
         group = _resolve_group_size(group_size, c, head_dim)
+        try:
+            check_predictor_block(predictor_block, n_kv, head_dim, recipe.llama_cpp_permutes_qk)
+        except ValueError as exc:
+            raise ConvertError(f"--predictor-block: {exc}") from exc
         if kind == "gguf":
             hf_model, tokenizer = _load_gguf(model, device)
             if hf_model.config.model_type not in recipe.hf_model_types:
@@ -301,8 +361,11 @@ def convert(model: str | os.PathLike[str], out: str | os.PathLike[str], *, bits:
                 "recipe": recipe.name, "source_model": model.name}
         result: CalibrationResult = calibrate(
             hf_model, recipe, seqs.input_ids, seqs.heldout, bits=tuple(outputs), group_size=group, device=device,
-            prefix_tokens=prefix_tokens, recent_tokens=recent_tokens, calibration_meta=meta, progress=progress)
+            prefix_tokens=prefix_tokens, recent_tokens=recent_tokens, predictor_block=predictor_block,
+            calibration_meta=meta, progress=progress)
         timings["calibrate"] = result.seconds
+        for phase in ("capture", "fit", "quantize"):
+            timings[f"calibrate.{phase}"] = result.timings[phase]
         del hf_model
 
         t1 = time.perf_counter()
@@ -330,8 +393,10 @@ def convert(model: str | os.PathLike[str], out: str | os.PathLike[str], *, bits:
 
 def format_summary(s: ConvertSummary) -> str:
     """Human-readable summary: per-layer held-out relMSE, bits per value, predictor size, time, RAM."""
+    block = s.params.predictor_block_size
     lines = [(f"wrote {s.out}  (recipe {s.recipe}, {s.bits}-bit grid {bits_to_points(s.bits, GRID_DIM)} points, "
-              f"layer 0 {LAYER0_BITS}-bit, group size {s.group_size}, {s.calib_tokens} calibration tokens)"),
+              f"layer 0 {LAYER0_BITS}-bit, group size {s.group_size}, {s.calib_tokens} calibration tokens, "
+              + (f"block-diagonal predictors {block}x{block})" if block else "dense predictors)")),
              ("held-out relative MSE per layer (pred = predictor alone; k/v = AQUA-KV reconstruction; "
               "higgs = same bits without predictors):"),
              "  layer   k_pred   v_pred        k        v  k_higgs  v_higgs"]
@@ -362,7 +427,8 @@ def summary_dict(s: ConvertSummary) -> dict[str, Any]:
     return {
         "out": str(s.out), "recipe": s.recipe, "bits": s.bits, "group_size": s.group_size,
         "calib_tokens": s.calib_tokens, "bits_per_value": {str(k): v for k, v in s.bits_per_value.items()},
-        "predictor_mib": s.predictor_mib, "seconds": s.seconds, "peak_rss_mib": s.peak_rss_mib,
+        "predictor_mib": s.predictor_mib, "predictor_block_size": s.params.predictor_block_size,
+        "seconds": s.seconds, "peak_rss_mib": s.peak_rss_mib,
         "timings": s.timings, "reports": {str(s.bits): [asdict(r) for r in s.reports],
                                           **{str(b): [asdict(r) for r in reps] for b, (_p, reps) in s.others.items()}},
     }
@@ -386,6 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prefix-tokens", type=int, default=4, help="attention-sink tokens kept in f16 (default 4)")
     ap.add_argument("--recent-tokens", type=int, default=128,
                     help="tokens gathered in f16 before a chunk is quantized (default 128)")
+    ap.add_argument("--predictor-block", type=int, default=None, metavar="N",
+                    help="block-diagonal predictors with N x N blocks (N divides C; a multiple of head_dim when "
+                         "llama.cpp permutes key channels; typically head_dim: one block per KV head). "
+                         "Default: dense")
     ap.add_argument("--outtype", default="f16", help="weight type when converting a Hugging Face folder (default f16)")
     ap.add_argument("--also", action="append", default=[], metavar="BITS:PATH",
                     help="also write the predictors fitted for BITS to PATH, sharing the pass over the model "
@@ -416,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
                           calib_tokens=args.calib_tokens, calib_text=args.calib_text, calib_seq_len=args.calib_seq_len,
                           seed=args.seed, device=args.device, force=args.force, outtype=args.outtype,
                           also=also, prefix_tokens=args.prefix_tokens, recent_tokens=args.recent_tokens,
-                          progress=not args.quiet)
+                          predictor_block=args.predictor_block, progress=not args.quiet)
     except (ConvertError, CalibrationError, AquaKVFormatError, AssetError) as exc:
         print(f"error: {_first_line(exc)}", file=sys.stderr)
         return 2

@@ -53,24 +53,68 @@ class RidgeAccumulator:
         self.sy += ys.sum(0).double()
         self.n += x.shape[0]
 
-    def solve(self, reg: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(W [d_out, d_in], b [d_out])`` float32 minimising the ridge objective above."""
+    def solve(self, reg: float, blocks: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W [d_out, d_in], b [d_out])`` float32 minimising the ridge objective above.
+
+        ``blocks`` (see ``solve_ridge``) restricts each output block to its own input channels.
+        """
         if self.n == 0:
             raise ValueError("no training samples were added")
         n = float(self.n)
         mx, my = self.sx / n, self.sy / n
         cxx = self.xx - n * torch.outer(mx, mx)  # centred Gram matrix X_cᵀX_c
         cxy = self.xy - n * torch.outer(mx, my)
-        lam = reg * torch.diagonal(cxx).mean().clamp_min(1e-30)
-        a = (cxx + lam * torch.eye(self.d_in, dtype=torch.float64, device=self.device)).cpu()
+        wt, b = solve_ridge(cxx, cxy, mx + self.x_shift.double(), my + self.y_shift.double(), reg, blocks)
+        return wt, b
+
+
+def solve_ridge(cxx: torch.Tensor, cxy: torch.Tensor, mx: torch.Tensor, my: torch.Tensor, reg: float,
+                blocks: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ridge solution from centred moments: ``(W [d_out, d_in], b [d_out])`` float32.
+
+    cxx: ``X_cᵀX_c [d_in, d_in]``, cxy: ``X_cᵀY_c [d_in, d_out]`` (float64, centred on the
+    training means), mx: ``[d_in]``, my: ``[d_out]`` the training means.  λ = reg · mean(diag(cxx))
+    over the inputs a block sees.  ``blocks``: ``[(in_idx, out_idx)]`` (int64 index tensors): each
+    output block is fitted on its input block alone and every other weight is exactly zero
+    (block-diagonal predictors); None fits one dense block.
+    """
+    d_in, d_out = cxy.shape
+    device = cxy.device
+    if blocks is None:
+        blocks = [(torch.arange(d_in), torch.arange(d_out))]
+    # The solves are tiny ([d_in, d_in]); float64 on the CPU whatever the device.
+    wt = torch.zeros(d_in, d_out, dtype=torch.float64)
+    cxx, cxy, mx, my = (t.detach().to("cpu", torch.float64) for t in (cxx, cxy, mx, my))
+    for in_idx, out_idx in blocks:
+        in_idx, out_idx = in_idx.cpu(), out_idx.cpu()
+        a = cxx.index_select(0, in_idx).index_select(1, in_idx)
+        rhs = cxy.index_select(0, in_idx).index_select(1, out_idx)
+        lam = reg * torch.diagonal(a).mean().clamp_min(1e-30)
+        a = a + lam * torch.eye(a.shape[0], dtype=torch.float64)
         try:
-            wt = torch.cholesky_solve(cxy.cpu(), torch.linalg.cholesky(a))
+            sol = torch.cholesky_solve(rhs, torch.linalg.cholesky(a))
         except RuntimeError:
             # Only when every input is identical (zero variance): least squares copes.
-            wt = torch.linalg.lstsq(a, cxy.cpu()).solution
-        wt = wt.to(self.device)  # [d_in, d_out]
-        b = my - mx @ wt + self.y_shift.double() - self.x_shift.double() @ wt
-        return wt.T.float().contiguous(), b.float().contiguous()
+            sol = torch.linalg.lstsq(a, rhs).solution
+        wt[in_idx[:, None], out_idx[None, :]] = sol
+    b = my - mx @ wt
+    return wt.T.float().contiguous().to(device), b.float().to(device)
+
+
+def block_indices(n_channels: int, block: int, n_inputs: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Blocks of a block-diagonal predictor with ``n_inputs`` stacked ``[C]`` inputs and a ``[C]`` output.
+
+    Output block j (channels ``[j·N, (j+1)·N)``) sees the same channels of every input; for the
+    value predictor (inputs ``[k̂_l ; v̂_{l-1}]``) that is ``j·N + [0, N)`` and ``C + j·N + [0, N)``.
+    """
+    if block <= 0 or n_channels % block:
+        raise ValueError(f"predictor block size {block} must divide C = {n_channels}")
+    out = []
+    for j in range(n_channels // block):
+        own = torch.arange(j * block, (j + 1) * block)
+        out.append((torch.cat([own + i * n_channels for i in range(n_inputs)]), own))
+    return out
 
 
 def fit_ridge(x: torch.Tensor, y: torch.Tensor, reg: float = 1e-3, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,8 +134,11 @@ class ErrorAccumulator:
     n: int = 0
 
     def add(self, y: torch.Tensor, y_hat: torch.Tensor) -> None:
-        self.err += float((y.double() - y_hat.double()).pow(2).sum())
-        self.ref += float(y.double().pow(2).sum())
+        # float32 with torch's cascade summation (relative error ~1e-7), summed across calls in float64.
+        d = y.float() - y_hat.float()
+        y32 = y.float()
+        self.err += float(torch.sum(d * d))
+        self.ref += float(torch.sum(y32 * y32))
         self.n += y.shape[0]
 
     @property

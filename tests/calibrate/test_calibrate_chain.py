@@ -134,3 +134,66 @@ def test_group_size_default_follows_the_quant_rule(tiny_llama_hf: Path) -> None:
     # Layer 0 has no predictor and is the same for every bit width.
     assert res.reports[2][0].k == res.reports[3][0].k
     assert res.peak_rss_mib > 0 and res.train_tokens > 0 and res.heldout_tokens > 0
+
+
+def test_runner_drops_sink_rows_and_stops_the_last_layer_early(tiny_llama_hf: Path) -> None:
+    model, _ = load(tiny_llama_hf)
+    recipe = recipe_for_hf_config(model.config)
+    ids = torch.randint(0, 1000, (3, 24), generator=torch.Generator().manual_seed(1))
+    want = full_forward_kv(model, recipe, ids)
+    runner = LayerwiseRunner(model, recipe, ids, batch_size=2, skip_prefix=4)
+    calls = []
+    last = model.model.layers[-1]
+    handle = last.mlp.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        for layer in range(len(want)):
+            k, v = runner.next_layer()
+            keep = (torch.arange(24) >= 4).repeat(3)
+            torch.testing.assert_close(k, want[layer][0][keep], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(v, want[layer][1][keep], rtol=1e-5, atol=1e-5)
+    finally:
+        handle.remove()
+    assert not calls, "the last layer's MLP ran although only its K/V are needed"
+
+
+def test_block_diagonal_predictors(tiny_hf_factory) -> None:
+    """N = head_dim: every weight block-diagonal (exact zeros) in both channel orders, blocks fitted alone."""
+    from aquakv_gguf.calibrate.chain import check_predictor_block
+    from aquakv_gguf.gguf_io.params import llama_cpp_key_permutation, off_block_max
+
+    model, tok = load(tiny_hf_factory("llama", n_layers=3))
+    recipe = recipe_for_hf_config(model.config)
+    seqs = make_sequences(tok, TEXT * 3, n_tokens=2048, seq_len=128, heldout_fraction=0.25, seed=0)
+    res = calibrate(model, recipe, seqs.input_ids, seqs.heldout, bits=(2,), predictor_block=64, progress=False)
+    params = res.params[2]
+    assert params.predictor_block_size == 64
+    # llama.cpp's key permutation stays inside each head, so per-head blocks survive it.
+    perm = llama_cpp_key_permutation(2, 64)
+    assert all(set(perm[h * 64:(h + 1) * 64]) == set(range(h * 64, (h + 1) * 64)) for h in range(2))
+    for order in ("hf", "llama.cpp"):
+        p = params.with_channel_order(order, permutes_qk=recipe.llama_cpp_permutes_qk)
+        assert p.predictor_block_size == 64
+        for pred in p.predictors[1:]:
+            for name in ("k_weight", "v_weight_k", "v_weight_v"):
+                w = getattr(pred, name)
+                assert off_block_max(w, 64) == 0.0 and np.abs(w[:64, :64]).max() > 0, (order, name)
+    for r in res.reports[2][1:]:
+        assert 0 < r.k < r.k_higgs and 0 < r.v < r.v_higgs
+
+    # Layer 1's key predictor: each block is the ridge fit of that head's keys on that head's k̂_0 alone.
+    kv = full_forward_kv(model, recipe, seqs.input_ids)
+    pos = torch.arange(128).repeat(seqs.input_ids.shape[0])
+    train = (pos >= 4) & ~seqs.heldout.repeat_interleave(128)
+    k_prev = key_quantizer(RowQuantizer(params.grid0, params.group_size), 2, 64, True)(kv[0][0])
+    for h in range(2):
+        s = slice(h * 64, (h + 1) * 64)
+        a_w, a_b = fit_ridge(k_prev[train][:, s], kv[1][0][train][:, s], reg=recipe.reg)
+        np.testing.assert_allclose(a_w.half().float().numpy(), params.predictors[1].k_weight[s, s], atol=2e-3, rtol=1e-2)
+        np.testing.assert_allclose(a_b.numpy(), params.predictors[1].k_bias[s], atol=1e-3, rtol=1e-3)
+
+    assert check_predictor_block(None, 2, 64, True) == check_predictor_block(128, 2, 64, True) == 128
+    with pytest.raises(ValueError, match="multiple of head_dim"):
+        check_predictor_block(32, 2, 64, True)
+    assert check_predictor_block(32, 2, 64, False) == 32
+    with pytest.raises(ValueError, match="divide"):
+        check_predictor_block(48, 2, 64, False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from aquakv_gguf.calibrate.ridge import RidgeAccumulator, fit_ridge
@@ -56,3 +57,38 @@ def test_streaming_equals_one_shot() -> None:
     w2, b2 = fit_ridge(x, y, reg=1e-3, chunk=100000)
     torch.testing.assert_close(w1, w2, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(b1, b2, rtol=1e-5, atol=1e-5)
+
+
+def test_block_diagonal_fit_recovers_a_planted_block_map_with_exact_zeros() -> None:
+    """``--predictor-block N``: each output block is fitted on its own input block; the rest is exactly 0."""
+    from aquakv_gguf.calibrate.ridge import block_indices
+    from aquakv_gguf.gguf_io.params import off_block_max
+
+    g = torch.Generator().manual_seed(5)
+    c, block, noise = 48, 16, 0.05
+    w = torch.zeros(c, c)
+    for j in range(c // block):
+        s = slice(j * block, (j + 1) * block)
+        w[s, s] = torch.randn(block, block, generator=g) / block ** 0.5
+    b = torch.randn(c, generator=g)
+    # Correlated inputs across blocks, so that a dense fit would not be block-diagonal by chance.
+    mix = torch.eye(c) + 0.3 * torch.randn(c, c, generator=g) / c ** 0.5
+    x = torch.randn(20000, c, generator=g) @ mix.T + 2.0
+    y = x @ w.T + b + noise * torch.randn(20000, c, generator=g)
+    acc = RidgeAccumulator(c, c)
+    acc.add(x, y)
+    w_hat, b_hat = acc.solve(1e-3, block_indices(c, block))
+    assert off_block_max(w_hat.numpy(), block) == 0.0
+    assert ((w_hat - w).norm() / w.norm()).item() < 0.01
+    torch.testing.assert_close(b_hat, b, atol=0.02, rtol=0)
+    # Each block is exactly the ridge fit on that block's inputs alone (its own λ included).
+    for j in range(c // block):
+        s = slice(j * block, (j + 1) * block)
+        wj, bj = fit_ridge(x[:, s], y[:, s], reg=1e-3)
+        torch.testing.assert_close(w_hat[s, s], wj, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b_hat[s], bj, rtol=1e-4, atol=1e-4)
+    # Two stacked inputs (the value predictor's [k̂_l ; v̂_{l-1}]): block j sees channel block j of both.
+    blocks2 = block_indices(c, block, n_inputs=2)
+    assert torch.equal(blocks2[1][0], torch.cat([torch.arange(16, 32), torch.arange(64, 80)]))
+    with pytest.raises(ValueError, match="divide"):
+        block_indices(c, 20)

@@ -203,3 +203,29 @@ def test_empty_or_short_calibration_text(tiny_llama_hf: Path, tmp_path: Path, ca
         [str(tiny_llama_hf), "--out", str(out), "--calib-text", str(missing), *SMALL], capsys)
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "short.txt"]
+
+
+def test_block_diagonal_predictors_are_written_and_read_back(tiny_llama_gguf: Path, calib_file: Path,
+                                                            tmp_path: Path, capsys) -> None:
+    """``--predictor-block 64`` (head_dim): block-diagonal in llama.cpp order on disk, the block size in the metadata."""
+    from aquakv_gguf.gguf_io.params import off_block_max
+
+    out = tmp_path / "block.aqua.gguf"
+    assert main([str(tiny_llama_gguf), "--out", str(out), "--calib-text", str(calib_file), "--predictor-block", "64",
+                 *SMALL]) == 0
+    assert "block-diagonal predictors 64x64" in capsys.readouterr().out
+    back = read_aqua_gguf(out)
+    assert back.predictor_block_size == 64 and back.channel_order == "llama.cpp"
+    raw = RawGGUF(out)
+    assert raw.fields[names.KEY_PREDICTOR_BLOCK].value == 64
+    for pred in back.predictors[1:]:
+        for name in ("k_weight", "v_weight_k", "v_weight_v"):
+            w = getattr(pred, name).astype(np.float32)
+            assert off_block_max(w, 64) == 0.0 and np.abs(w).max() > 0
+    assert_original_part_identical(tiny_llama_gguf, out)
+    bad = tmp_path / "bad.gguf"
+    assert "multiple of head_dim" in run_error([str(tiny_llama_gguf), "--out", str(bad), "--predictor-block", "32",
+                                                *SMALL], capsys)
+    assert "must divide" in run_error([str(tiny_llama_gguf), "--out", str(bad), "--predictor-block", "48", *SMALL],
+                                      capsys)
+    assert not bad.exists()
