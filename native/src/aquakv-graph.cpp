@@ -117,8 +117,9 @@ ggml_tensor * as_rows(ggml_context * ctx, ggml_tensor * x, int64_t n_channels) {
 //   f32: the weights are cast to f32 once per layer, so the products are the reference's f32
 //        products: on the CPU a f16 weight would round the activations to f16 (its vec_dot type)
 //        and flip near-tie codes between encode and the oracle.
-//   f16: the stored f16 weights as they are: on CUDA cuBLAS then runs the products on tensor
-//        cores, several times faster than f32 SGEMM over all attended cells.
+//   f16: the stored f16 weights as they are, half the weight traffic on a GPU. Not a speed lever
+//        on an H200 (cuBLAS runs ggml's f32 products as TF32 on tensor cores too: same tokens/s,
+//        docs/PERF.md V1); kept as the GPU default because it is never slower.
 // auto (default): f16 when the weights live in a GPU buffer, f32 otherwise. AQUAKV_PREDICT_PREC
 // = f32 / f16 / auto overrides it (benchmarks, tests).
 struct aquakv_predictor_form {
