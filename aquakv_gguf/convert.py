@@ -327,7 +327,7 @@ def convert(model: str | os.PathLike[str], out: str | os.PathLike[str], *, bits:
 
         seq_len = calib_seq_len or recipe.calib_seq_len
         t1 = time.perf_counter()
-        seqs = make_sequences(tokenizer, text, n_tokens=calib_tokens or recipe.calib_tokens, seq_len=seq_len,
+        seqs = make_sequences(tokenizer, text, n_tokens=calib_tokens or recipe.default_calib_tokens(c), seq_len=seq_len,
                               heldout_fraction=recipe.heldout_fraction, seed=seed, prefix_tokens=prefix_tokens,
                               min_train_tokens=2 * c + 1)
         timings["tokenize"] = time.perf_counter() - t1
@@ -442,7 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--bits", type=int, choices=(2, 3, 4), default=2, help="bits per value for layers >= 1 (default 2)")
     ap.add_argument("--group-size", type=int, default=None, help="channels per HIGGS group (default: C or the "
                     "largest power of two dividing C, at least head_dim)")
-    ap.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens (default: the recipe's)")
+    ap.add_argument("--calib-tokens", type=int, default=None, help="calibration tokens (default: the recipe's: 131072, or 256 per KV channel when "
+                    "that is more; docs/CONVERT_SPEED.md)")
     ap.add_argument("--calib-seq-len", type=int, default=None, help="tokens per calibration sequence (default: the recipe's)")
     ap.add_argument("--calib-text", type=Path, default=None, help="UTF-8 text file (default: five Austen novels)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the held-out split (default 0)")

@@ -3,7 +3,7 @@
 # per-op profile, then bench/bench_gpu_cache.py within the time left. Everything lands in $OUT:
 # results.tgz (logs, raw llama-bench JSON, summary.json files, profiles) and, after a build, the
 # wheel in 15 MiB parts (a later call carries them as .gpu_wheel/ and skips the build).
-# Usage: [PROFILE="8b:aqua2:32768 ..."] bash scripts/gpu_bench_call.sh TESTS(yes|no) BUDGET_S SPEC...
+# Usage: [PROFILE="8b:aqua2:32768 ..."] [DEPTHS="0 32768"] bash scripts/gpu_bench_call.sh TESTS(yes|no) BUDGET_S SPEC...
 #   SPEC = SHAPE:CACHE[,CACHE...]  e.g. 8b:f16,aqua2  1b:all
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -29,7 +29,7 @@ for spec in "$@"; do
     [[ $caches == all ]] && caches="f16,aqua2,q8_0,q4_0,aqua3,aqua2-blk,aqua2-f32"
     echo "bench $shape ($caches): $(left) s left"
     python3 bench/bench_gpu_cache.py run --shapes "$shape" --caches ${caches//,/ } --out "$R/bench-$shape-$(date +%s)" \
-        --work /tmp/aquakv-synth --budget-s "$(left)" 2>&1 | grep -v '^ ' | grep -v '^[{}]' | tee -a "$R/bench.log"
+        --work /tmp/aquakv-synth --budget-s "$(left)" ${DEPTHS:+--depths $DEPTHS} 2>&1 | grep -v '^ ' | grep -v '^[{}]' | tee -a "$R/bench.log"
     for p in ${PROFILE:-}; do
         IFS=: read -r pshape pcache depth <<< "$p"
         [[ $pshape == "$shape" ]] || continue

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from aquakv_gguf import quant
 from aquakv_gguf.gguf_io.params import AquaKVParams, LayerPredictor
 
+from .allocator import keep_freed_memory
 from .capture import LayerwiseRunner
 from .errors import CalibrationTextError
 from .quantizer import RowQuantizer, bits_to_points, key_quantizer
@@ -220,6 +221,7 @@ def calibrate(model: nn.Module, recipe: Recipe, input_ids: torch.Tensor, heldout
     ``[0, n_train)`` and the held-out rows the rest (no masks, no gathers).
     """
     t_start = time.perf_counter()
+    keep_freed_memory()
     device = torch.device(device)
     reg = recipe.reg if reg is None else reg
     bits = sorted({int(b) for b in bits})

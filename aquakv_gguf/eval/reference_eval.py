@@ -141,8 +141,10 @@ def evaluate_reference(model: nn.Module, windows: list[list[int]], specs: list[M
     All specs run as the rows of one batch (one AquaKVCache with a configuration per row), so
     each step reads the weights once for every mode; rows never interact.
     """
+    from aquakv_gguf.calibrate.allocator import keep_freed_memory
     from aquakv_gguf.reference.cache import AquaKVCache
 
+    keep_freed_memory()
     if not any(s.mode == "f16" for s in specs):
         specs = [ModeSpec("f16", "f16")] + list(specs)
     base = next(i for i, s in enumerate(specs) if s.mode == "f16")

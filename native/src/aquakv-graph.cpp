@@ -168,13 +168,9 @@ ggml_tensor * aquakv_predictor_product(ggml_context * ctx, ggml_tensor * w, ggml
     }
     const int64_t N = form.block;
     const int64_t T = x->ne[1];
-    if (T <= 65535) {
-        // x as [N, 1, C/N, T]: one matrix-vector product per (block, cell), w broadcast over the
-        // cells; the result [N, 1, C/N, T] is already x's layout, so no permute or copy (CUDA
-        // launches the cells on the grid's z dimension, at most 65535)
-        ggml_tensor * y = ggml_mul_mat(ctx, w, ggml_reshape_4d(ctx, x, N, 1, form.n_blk, T));
-        return ggml_reshape_2d(ctx, y, N*form.n_blk, T);
-    }
+    // blocks on the batch dimension: [N, T, C/N] views of x, batched [N, N] x [N, T] products.
+    // (Broadcast mat-vecs over x viewed as [N, 1, C/N, T] avoid both permute copies but ran
+    // 20x slower on CUDA at 32K cells: docs/PERF.md, V4.)
     ggml_tensor * xb = ggml_permute(ctx, ggml_reshape_3d(ctx, x, N, form.n_blk, T), 0, 2, 1, 3);  // [N, T, C/N]
     ggml_tensor * y  = ggml_mul_mat(ctx, w, xb);                                                   // [N, T, C/N]
     return ggml_reshape_2d(ctx, ggml_cont(ctx, ggml_permute(ctx, y, 0, 2, 1, 3)), N*form.n_blk, T);

@@ -56,3 +56,23 @@ def test_malformed_recipe_is_reported(tmp_path: Path) -> None:
     bad.write_text("name = ")
     with pytest.raises(UnsupportedModelError, match="bad.toml"):
         load_recipe(bad)
+
+
+def test_default_calibration_tokens_scale_with_kv_channels(tmp_path: Path) -> None:
+    llama = recipe_for_gguf_arch("llama")
+    assert llama.calib_tokens_per_channel > 0
+    # Small models get the floor, wide caches a fixed number of tokens per channel.
+    assert llama.default_calib_tokens(1) == llama.calib_tokens
+    wide = 4 * llama.calib_tokens // llama.calib_tokens_per_channel
+    assert llama.default_calib_tokens(wide) == wide * llama.calib_tokens_per_channel > llama.calib_tokens
+    # A recipe without the key keeps its fixed count; a negative one is refused.
+    text = llama.path.read_text()
+    no_key = tmp_path / "no_key.toml"
+    no_key.write_text("\n".join(line for line in text.splitlines() if not line.startswith("tokens_per_channel")))
+    plain = load_recipe(no_key)
+    assert plain.calib_tokens_per_channel == 0 and plain.default_calib_tokens(4096) == plain.calib_tokens
+    negative = tmp_path / "negative.toml"
+    negative.write_text(text.replace("tokens_per_channel = 256", "tokens_per_channel = -1"))
+    assert negative.read_text() != text
+    with pytest.raises(UnsupportedModelError, match="out of range"):
+        load_recipe(negative)
