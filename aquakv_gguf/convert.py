@@ -51,6 +51,7 @@ from aquakv_gguf.gguf_io import (
     AquaKVFormatError,
     AquaKVParams,
     ModelDims,
+    check_predictor_form,
     open_gguf,
     read_aqua_gguf,
     read_model_dims,
@@ -256,18 +257,32 @@ def summary_bits_per_value(params: AquaKVParams, n_tokens: int) -> float:
                           recent_tokens=params.recent_tokens)
 
 
+def parse_predictor(text: str) -> tuple[str, int, int]:
+    """``--predictor`` value -> ``(form, rank_k, rank_v)``: "dense", "lowrank:R" (both ranks R) or "lowrank:RK,RV"."""
+    form, sep, ranks = text.strip().partition(":")
+    if form == "dense" and not sep:
+        return "dense", 0, 0
+    parts = ranks.split(",")
+    if form == "lowrank" and sep and 1 <= len(parts) <= 2 and all(p.strip().isdigit() for p in parts):
+        rank_k, rank_v = int(parts[0]), int(parts[-1])
+        return "lowrank", rank_k, rank_v
+    raise ConvertError(f"--predictor expects dense, lowrank:R or lowrank:RK,RV, got {text!r}")
+
+
 def convert(model: str | os.PathLike[str], out: str | os.PathLike[str], *, bits: int = 2,
             group_size: int | None = None, calib_tokens: int | None = None, calib_text: str | os.PathLike[str] | None = None,
             calib_seq_len: int | None = None, seed: int = 0, device: str = "cpu", force: bool = False,
             outtype: str = "f16", also: dict[int, str | os.PathLike[str]] | None = None,
             prefix_tokens: int = 4, recent_tokens: int = 128, predictor_block: int | None = None,
+            predictor_form: str = "dense", rank_k: int = 0, rank_v: int = 0,
             progress: bool = True) -> ConvertSummary:
     """Calibrate ``model`` and write ``out``; raises ConvertError/CalibrationError/AquaKVFormatError.
 
     ``also`` maps further bit widths to further outputs: they share the (slow) pass over the
     model, each with its own chain of reconstructions and predictors.  ``predictor_block`` N
     fits block-diagonal predictors with ``[N, N]`` blocks (typically N = head_dim: one block
-    per KV head); None is dense.
+    per KV head); None is dense.  ``predictor_form="lowrank"`` with ``rank_k``/``rank_v``
+    (1..C) fits low-rank predictors (not combinable with ``predictor_block``).
     """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -312,9 +327,13 @@ def convert(model: str | os.PathLike[str], out: str | os.PathLike[str], *, bits:
         c = n_kv * head_dim
         group = _resolve_group_size(group_size, c, head_dim)
         try:
-            check_predictor_block(predictor_block, n_kv, head_dim, recipe.llama_cpp_permutes_qk)
+            block = check_predictor_block(predictor_block, n_kv, head_dim, recipe.llama_cpp_permutes_qk)
         except ValueError as exc:
             raise ConvertError(f"--predictor-block: {exc}") from exc
+        try:
+            check_predictor_form(predictor_form, rank_k, rank_v, c, 0 if block == c else block)
+        except ValueError as exc:
+            raise ConvertError(f"--predictor: {exc}") from exc
         if kind == "gguf":
             hf_model, tokenizer = _load_gguf(model, device)
             if hf_model.config.model_type not in recipe.hf_model_types:
@@ -362,7 +381,7 @@ def convert(model: str | os.PathLike[str], out: str | os.PathLike[str], *, bits:
         result: CalibrationResult = calibrate(
             hf_model, recipe, seqs.input_ids, seqs.heldout, bits=tuple(outputs), group_size=group, device=device,
             prefix_tokens=prefix_tokens, recent_tokens=recent_tokens, predictor_block=predictor_block,
-            calibration_meta=meta, progress=progress)
+            predictor_form=predictor_form, rank_k=rank_k, rank_v=rank_v, calibration_meta=meta, progress=progress)
         timings["calibrate"] = result.seconds
         for phase in ("capture", "fit", "quantize"):
             timings[f"calibrate.{phase}"] = result.timings[phase]
@@ -391,12 +410,20 @@ def convert(model: str | os.PathLike[str], out: str | os.PathLike[str], *, bits:
         others={b: (outputs[b], result.reports[b]) for b in outputs if b != bits})
 
 
+def describe_predictors(params: AquaKVParams) -> str:
+    """The predictor form in words: "dense predictors", "block-diagonal predictors 64x64" or
+    "low-rank predictors (keys rank 16, values rank 16)"."""
+    block = params.predictor_block_size
+    if params.predictor_form == "lowrank":
+        return f"low-rank predictors (keys rank {params.predictor_rank_k}, values rank {params.predictor_rank_v})"
+    return f"block-diagonal predictors {block}x{block}" if block else "dense predictors"
+
+
 def format_summary(s: ConvertSummary) -> str:
     """Human-readable summary: per-layer held-out relMSE, bits per value, predictor size, time, RAM."""
-    block = s.params.predictor_block_size
     lines = [(f"wrote {s.out}  (recipe {s.recipe}, {s.bits}-bit grid {bits_to_points(s.bits, GRID_DIM)} points, "
               f"layer 0 {LAYER0_BITS}-bit, group size {s.group_size}, {s.calib_tokens} calibration tokens, "
-              + (f"block-diagonal predictors {block}x{block})" if block else "dense predictors)")),
+              f"{describe_predictors(s.params)})"),
              ("held-out relative MSE per layer (pred = predictor alone; k/v = AQUA-KV reconstruction; "
               "higgs = same bits without predictors):"),
              "  layer   k_pred   v_pred        k        v  k_higgs  v_higgs"]
@@ -414,7 +441,7 @@ def format_summary(s: ConvertSummary) -> str:
                      f"value recon {mean([r.v for r in tail_b]):.5f}")
     bpv = ", ".join(f"{v:.3f} at {n // 1024}K" for n, v in s.bits_per_value.items())
     lines.append(f"bits per value: {bpv} (codes + f16 scales + f16 sinks/recent window; layer 0 at {LAYER0_BITS} bits)")
-    lines.append(f"predictors: {s.predictor_mib:.2f} MiB (f16 weights, f32 biases)")
+    lines.append(f"predictors: {s.predictor_mib:.2f} MiB, {describe_predictors(s.params)} (f16 weights, f32 biases)")
     phases = ", ".join(f"{k} {v:.1f} s" for k, v in s.timings.items())
     lines.append(f"wall time: {s.seconds:.1f} s ({phases})")
     lines.append(f"peak RAM: {s.peak_rss_mib:.0f} MiB (this process)"
@@ -428,6 +455,8 @@ def summary_dict(s: ConvertSummary) -> dict[str, Any]:
         "out": str(s.out), "recipe": s.recipe, "bits": s.bits, "group_size": s.group_size,
         "calib_tokens": s.calib_tokens, "bits_per_value": {str(k): v for k, v in s.bits_per_value.items()},
         "predictor_mib": s.predictor_mib, "predictor_block_size": s.params.predictor_block_size,
+        "predictor_form": s.params.predictor_form, "predictor_rank_k": s.params.predictor_rank_k,
+        "predictor_rank_v": s.params.predictor_rank_v,
         "seconds": s.seconds, "peak_rss_mib": s.peak_rss_mib,
         "timings": s.timings, "reports": {str(s.bits): [asdict(r) for r in s.reports],
                                           **{str(b): [asdict(r) for r in reps] for b, (_p, reps) in s.others.items()}},
@@ -457,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="block-diagonal predictors with N x N blocks (N divides C; a multiple of head_dim when "
                          "llama.cpp permutes key channels; typically head_dim: one block per KV head). "
                          "Default: dense")
+    ap.add_argument("--predictor", default="dense", metavar="FORM",
+                    help="predictor form: dense, lowrank:R (keys and values rank R) or lowrank:RK,RV "
+                         "(1 <= R <= C; not with --predictor-block). Default: dense")
     ap.add_argument("--outtype", default="f16", help="weight type when converting a Hugging Face folder (default f16)")
     ap.add_argument("--also", action="append", default=[], metavar="BITS:PATH",
                     help="also write the predictors fitted for BITS to PATH, sharing the pass over the model "
@@ -483,11 +515,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         also[int(b)] = Path(path)
     try:
+        predictor_form, rank_k, rank_v = parse_predictor(args.predictor)
         summary = convert(args.model, args.out, bits=args.bits, group_size=args.group_size,
                           calib_tokens=args.calib_tokens, calib_text=args.calib_text, calib_seq_len=args.calib_seq_len,
                           seed=args.seed, device=args.device, force=args.force, outtype=args.outtype,
                           also=also, prefix_tokens=args.prefix_tokens, recent_tokens=args.recent_tokens,
-                          predictor_block=args.predictor_block, progress=not args.quiet)
+                          predictor_block=args.predictor_block, predictor_form=predictor_form, rank_k=rank_k,
+                          rank_v=rank_v, progress=not args.quiet)
     except (ConvertError, CalibrationError, AquaKVFormatError, AssetError) as exc:
         print(f"error: {_first_line(exc)}", file=sys.stderr)
         return 2

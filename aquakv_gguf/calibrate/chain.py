@@ -2,7 +2,9 @@
 
 Layer 0: ``k̂_0 = Q₀(k_0)``, ``v̂_0 = Q₀(v_0)`` with the 4-bit grid.
 Layer l >= 1: ``p = A_l k̂_{l-1} + a_l``, ``k̂_l = p + Q(k_l − p)``;
-``q = B_K k̂_l + B_V v̂_{l-1} + b_l``, ``v̂_l = q + Q(v_l − q)``.
+``q = B_K k̂_l + B_V v̂_{l-1} + b_l``, ``v̂_l = q + Q(v_l − q)``.  Low-rank predictors
+(``predictor_form="lowrank"``) replace each weight by factors: ``p = U_k (D_k k̂_{l-1}) + a_l``,
+``q = U_v (D_vk k̂_l + D_vv v̂_{l-1}) + b_l``.
 
 The predictor inputs are the reconstructions, exactly as inference computes them (including the
 f16 rounding of the stored weights), so the fit sees the same inputs the cache will give it.
@@ -28,7 +30,14 @@ from torch import nn
 from tqdm import tqdm
 
 from aquakv_gguf import quant
-from aquakv_gguf.gguf_io.params import AquaKVParams, LayerPredictor
+from aquakv_gguf.gguf_io.params import (
+    AquaKVParams,
+    LayerPredictor,
+    LowRankFactors,
+    PredictorForm,
+    check_predictor_form,
+)
+from aquakv_gguf.reference.semantics import predict_keys_lowrank, predict_values_lowrank
 
 from .allocator import keep_freed_memory
 from .capture import LayerwiseRunner
@@ -205,7 +214,8 @@ def calibrate(model: nn.Module, recipe: Recipe, input_ids: torch.Tensor, heldout
               bits: Iterable[int] = (2,), group_size: int | None = None, prefix_tokens: int = 4,
               recent_tokens: int = 128, reg: float | None = None, batch_size: int | None = None,
               device: torch.device | str = "cpu", weight_dtype: torch.dtype = torch.float16,
-              predictor_block: int | None = None, calibration_meta: dict[str, Any] | None = None,
+              predictor_block: int | None = None, predictor_form: PredictorForm = "dense", rank_k: int = 0,
+              rank_v: int = 0, calibration_meta: dict[str, Any] | None = None,
               progress: bool = True) -> CalibrationResult:
     """Capture K/V layer by layer and fit the chained predictors for every bit width in ``bits``.
 
@@ -213,7 +223,9 @@ def calibrate(model: nn.Module, recipe: Recipe, input_ids: torch.Tensor, heldout
     ``quant.choose_group_size(C, head_dim)``.  ``predictor_block`` N (dividing C; for recipes
     whose keys llama.cpp permutes, a multiple of head_dim so that the blocks survive the
     permutation) makes every predictor weight block-diagonal with ``[N, N]`` blocks; None or C
-    is dense.  The model must already be on ``device``.
+    is dense.  ``predictor_form="lowrank"`` with ``rank_k``/``rank_v`` (1..C) fits low-rank
+    predictors instead (reduced-rank regression of the ridge solution, see ``_reduce_rank``);
+    it does not combine with ``predictor_block``.  The model must already be on ``device``.
 
     Rows: each sequence's first ``prefix_tokens`` tokens are f16 sinks at inference at every
     layer, so they are neither fitted, scored nor used as predictor inputs: the runner drops
@@ -233,6 +245,8 @@ def calibrate(model: nn.Module, recipe: Recipe, input_ids: torch.Tensor, heldout
     group = int(group_size or quant.choose_group_size(c, head_dim))
     permutes = recipe.llama_cpp_permutes_qk
     block = check_predictor_block(predictor_block, n_kv, head_dim, permutes)
+    check_predictor_form(predictor_form, rank_k, rank_v, c, block)  # dense: both ranks 0
+    ranks = (rank_k, rank_v) if predictor_form == "lowrank" else None
     n_seq, seq_len = input_ids.shape
     if seq_len <= prefix_tokens:
         raise CalibrationTextError(f"calibration sequences of {seq_len} tokens leave nothing after {prefix_tokens} sinks")
@@ -292,7 +306,7 @@ def calibrate(model: nn.Module, recipe: Recipe, input_ids: torch.Tensor, heldout
                 ch.predictors.append(None)
             else:
                 k_hat, v_hat, k_pred_err, v_pred_err = _fit_layer(
-                    ch, k, v, k_mean, v_mean, n_train, reg, weight_dtype, k_blocks, v_blocks, timings)
+                    ch, k, v, k_mean, v_mean, n_train, reg, weight_dtype, k_blocks, v_blocks, ranks, timings)
             t1 = time.perf_counter()
             # HIGGS without predictors, for comparison: on the held-out rows only (that is all it reports).
             k_higgs = _rel(k_held, ch.qk(k_held))
@@ -325,7 +339,8 @@ def calibrate(model: nn.Module, recipe: Recipe, input_ids: torch.Tensor, heldout
         params[ch.bits] = AquaKVParams(
             grid=ch.grid, grid0=grid0, group_size=group, prefix_tokens=prefix_tokens, recent_tokens=recent_tokens,
             n_layers=n_layers, n_kv_heads=n_kv, head_dim=head_dim, predictors=ch.predictors, channel_order="hf",
-            calibration=meta, predictor_block_size=0 if block == c else block)
+            calibration=meta, predictor_block_size=0 if block == c else block, predictor_form=predictor_form,
+            predictor_rank_k=rank_k, predictor_rank_v=rank_v)
         reports[ch.bits] = ch.reports
     timings["total"] = seconds
     log.info("calibrated %d layers on %d train / %d held-out tokens in %.1f s (capture %.1f s, fit %.1f s, "
@@ -361,41 +376,86 @@ def _rel(y: torch.Tensor, y_hat: torch.Tensor) -> float:
     return acc.rel
 
 
+def _reduce_rank(w: torch.Tensor, gram: torch.Tensor, rank: int, weight_dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduced-rank regression: the best rank-R ``U @ D`` in place of the full fit ``W``.
+
+    w: ``[C_out, C_in]`` the (ridge) solution, gram: ``Σ = X_cᵀX_c [C_in, C_in]`` the centred
+    Gram matrix of its input.  Minimising ``Σ‖y − U D x‖²`` over rank-R maps is the projection of
+    the fitted values onto their R main directions: U = the top-R eigenvectors of ``W Σ Wᵀ``
+    (the fitted values' scatter), ``D = Uᵀ W``.  Returns ``(U [C_out, R], D [R, C_in])`` rounded
+    to ``weight_dtype`` (as stored) and back to float32, on ``w``'s device.  The eigenproblem is
+    tiny: float64 on the CPU, like the ridge solves.
+    """
+    w64 = w.detach().to("cpu", torch.float64)
+    scatter = w64 @ gram.detach().to("cpu", torch.float64) @ w64.T
+    _evals, evecs = torch.linalg.eigh((scatter + scatter.T) / 2)  # ascending eigenvalues
+    u = evecs[:, -rank:].flip(1)  # [C_out, R], largest first
+    d = u.T @ w64
+    return _round_weight(u, weight_dtype).to(w.device), _round_weight(d, weight_dtype).to(w.device)
+
+
+def _lowrank_bias(u: torch.Tensor, d: torch.Tensor, x_mean: torch.Tensor, y_mean: torch.Tensor) -> torch.Tensor:
+    """``ȳ − U (D x̄)`` float32 ``[C_out]``, from the rounded factors: the training residual of
+    the predictor as stored has zero mean (the bias absorbs the rounding's mean shift too)."""
+    return (y_mean - u.double() @ (d.double() @ x_mean.to(u.device))).float()
+
+
 def _fit_layer(ch: _Chain, k: torch.Tensor, v: torch.Tensor, k_mean: torch.Tensor, v_mean: torch.Tensor,
-               n_train: int, reg: float, weight_dtype: torch.dtype, k_blocks, v_blocks, timings: dict[str, float]
-               ) -> tuple[_Stats, _Stats, float, float]:
+               n_train: int, reg: float, weight_dtype: torch.dtype, k_blocks, v_blocks,
+               ranks: tuple[int, int] | None, timings: dict[str, float]) -> tuple[_Stats, _Stats, float, float]:
     """One layer l >= 1 of one chain: returns ``(k̂_l, v̂_l, key pred relMSE, value pred relMSE)``.
 
     k, v: ``[N, C]`` this layer's keys and values (training rows first), k_mean/v_mean their
     training means.  Normal equations from centred moments; the Gram matrices of k̂_{l-1} and
     v̂_{l-1} come from the previous layer, so a layer computes five ``[C, C]`` products over the
     training rows (k̂_{l-1}ᵀk, k̂_lᵀk̂_l, k̂_lᵀv̂_{l-1}, k̂_lᵀv, v̂_{l-1}ᵀv) plus v̂_l's Gram matrix.
+    ranks ``(R_k, R_v)``: low-rank predictors, reduced from the ridge solutions; the chain then
+    predicts with the rounded factors in the format's order (reference.semantics), as inference does.
     """
     c = k.shape[1]
     kp, vp = ch.k_prev, ch.v_prev
     t0 = time.perf_counter()
     (sxy,) = _centred_products([(kp.xc, k[:n_train])])
     a_w, a_b = solve_ridge(kp.gram, sxy, kp.mean, k_mean, reg, k_blocks)
-    a_w = _round_weight(a_w, weight_dtype)
-    a_wt = a_w.T.contiguous()
+    if ranks:
+        u_k, d_k = _reduce_rank(a_w, kp.gram, ranks[0], weight_dtype)
+        a_b = _lowrank_bias(u_k, d_k, kp.mean, k_mean)
+
+        def predict_k(sl: slice) -> torch.Tensor:
+            return predict_keys_lowrank(kp.x[sl], d_k, u_k, a_b)  # p = U_k (D_k k̂_{l-1}) + a
+    else:
+        a_w = _round_weight(a_w, weight_dtype)
+        a_wt = a_w.T.contiguous()
+
+        def predict_k(sl: slice) -> torch.Tensor:
+            return torch.addmm(a_b, kp.x[sl], a_wt)  # p = A k̂_{l-1} + a
     timings["fit"] += time.perf_counter() - t0
     t0 = time.perf_counter()
-    # k̂ = p + Q(k − p) with p = A k̂_{l-1} + a
-    k_hat, kh_mean, k_pred_err = _predict_quantize(ch.qk, k, lambda sl: torch.addmm(a_b, kp.x[sl], a_wt),
-                                                   n_train, n_train)
+    # k̂ = p + Q(k − p)
+    k_hat, kh_mean, k_pred_err = _predict_quantize(ch.qk, k, predict_k, n_train, n_train)
     timings["quantize"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
     kh = _Stats(k_hat, n_train, kh_mean)
     g_kv, s_k, s_v = _centred_products([(kh.xc, vp.xc), (kh.xc, v[:n_train]), (vp.xc, v[:n_train])])
     gram = torch.cat([torch.cat([kh.gram, g_kv], 1), torch.cat([g_kv.T, vp.gram], 1)], 0)  # [2C, 2C]
-    b_w, b_b = solve_ridge(gram, torch.cat([s_k, s_v], 0), torch.cat([kh.mean, vp.mean]), v_mean, reg, v_blocks)
-    b_k, b_v = _round_weight(b_w[:, :c], weight_dtype), _round_weight(b_w[:, c:], weight_dtype)
-    b_kt, b_vt = b_k.T.contiguous(), b_v.T.contiguous()
-    timings["fit"] += time.perf_counter() - t0
+    x_mean = torch.cat([kh.mean, vp.mean])
+    b_w, b_b = solve_ridge(gram, torch.cat([s_k, s_v], 0), x_mean, v_mean, reg, v_blocks)
+    if ranks:
+        u_v, d_v = _reduce_rank(b_w, gram, ranks[1], weight_dtype)  # d_v: [R_v, 2C] = [D_vk, D_vv]
+        d_vk, d_vv = d_v[:, :c].contiguous(), d_v[:, c:].contiguous()
+        b_b = _lowrank_bias(u_v, d_v, x_mean, v_mean)
 
-    def predict_v(sl: slice) -> torch.Tensor:
-        return torch.addmm(b_b, k_hat[sl], b_kt).addmm_(vp.x[sl], b_vt)  # q = B_K k̂_l + B_V v̂_{l-1} + b
+        def predict_v(sl: slice) -> torch.Tensor:
+            return predict_values_lowrank(k_hat[sl], vp.x[sl], d_vk, d_vv, u_v, b_b)
+    else:
+        b_k, b_v = _round_weight(b_w[:, :c], weight_dtype), _round_weight(b_w[:, c:], weight_dtype)
+        b_kt, b_vt = b_k.T.contiguous(), b_v.T.contiguous()
+
+        def predict_v(sl: slice) -> torch.Tensor:
+            return torch.addmm(b_b, k_hat[sl], b_kt).addmm_(vp.x[sl], b_vt)  # q = B_K k̂_l + B_V v̂_{l-1} + b
+    timings["fit"] += time.perf_counter() - t0
 
     t0 = time.perf_counter()
     v_hat, vh_mean, v_pred_err = _predict_quantize(ch.q, v, predict_v, n_train, n_train)
@@ -407,8 +467,13 @@ def _fit_layer(ch: _Chain, k: torch.Tensor, v: torch.Tensor, k_mean: torch.Tenso
     def np32(t: torch.Tensor) -> np.ndarray:
         return t.detach().to("cpu", torch.float32).numpy().copy()
 
-    ch.predictors.append(LayerPredictor(k_weight=np32(a_w), k_bias=np32(a_b), v_weight_k=np32(b_k),
-                                        v_weight_v=np32(b_v), v_bias=np32(b_b)))
+    if ranks:
+        factors = LowRankFactors(k_down=np32(d_k), k_up=np32(u_k), v_down_k=np32(d_vk), v_down_v=np32(d_vv),
+                                 v_up=np32(u_v))
+        ch.predictors.append(LayerPredictor.from_factors(factors, k_bias=np32(a_b), v_bias=np32(b_b)))
+    else:
+        ch.predictors.append(LayerPredictor(k_weight=np32(a_w), k_bias=np32(a_b), v_weight_k=np32(b_k),
+                                            v_weight_v=np32(b_v), v_bias=np32(b_b)))
     return kh, vh, k_pred_err, v_pred_err
 
 

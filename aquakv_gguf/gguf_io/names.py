@@ -13,6 +13,14 @@ KEY_PREFIX_TOKENS = "aquakv.prefix_tokens"
 KEY_RECENT_TOKENS = "aquakv.recent_tokens"
 # optional: predictor weights are block-diagonal with blocks of this size (absent or = C: dense)
 KEY_PREDICTOR_BLOCK = "aquakv.predictor.block_size"
+# string, one of PREDICTOR_FORMS; absent (files written before it existed) means "dense"
+KEY_PREDICTOR_FORM = "aquakv.predictor.form"
+# uint32 ranks R_k, R_v of the low-rank factors (only with form "lowrank"; 1 <= R <= C)
+KEY_PREDICTOR_RANK_K = "aquakv.predictor.rank_k"
+KEY_PREDICTOR_RANK_V = "aquakv.predictor.rank_v"
+FORM_DENSE = "dense"
+FORM_LOWRANK = "lowrank"
+PREDICTOR_FORMS = (FORM_DENSE, FORM_LOWRANK)
 CALIBRATION_PREFIX = "aquakv.calibration."
 
 TENSOR_GRID = "aquakv.grid"
@@ -26,6 +34,13 @@ K_PRED_BIAS = "blk.{layer}.aquakv_k_pred.bias"
 V_PRED_K_WEIGHT = "blk.{layer}.aquakv_v_pred_k.weight"
 V_PRED_V_WEIGHT = "blk.{layer}.aquakv_v_pred_v.weight"
 V_PRED_BIAS = "blk.{layer}.aquakv_v_pred.bias"
+# Low-rank form, instead of the three dense weights (same orientation: numpy [out, in]):
+# p = U_k @ (D_k @ k_hat_prev) + a;  q = U_v @ (D_vk @ k_hat + D_vv @ v_hat_prev) + b.
+K_PRED_DOWN = "blk.{layer}.aquakv_k_pred_down.weight"  # D_k  [R_k, C]
+K_PRED_UP = "blk.{layer}.aquakv_k_pred_up.weight"  # U_k  [C, R_k]
+V_PRED_K_DOWN = "blk.{layer}.aquakv_v_pred_k_down.weight"  # D_vk [R_v, C]
+V_PRED_V_DOWN = "blk.{layer}.aquakv_v_pred_v_down.weight"  # D_vv [R_v, C]
+V_PRED_UP = "blk.{layer}.aquakv_v_pred_up.weight"  # U_v  [C, R_v]
 
 # LayerPredictor field -> tensor name template
 LAYER_TENSORS: dict[str, str] = {
@@ -37,6 +52,22 @@ LAYER_TENSORS: dict[str, str] = {
 }
 WEIGHT_FIELDS = ("k_weight", "v_weight_k", "v_weight_v")
 BIAS_FIELDS = ("k_bias", "v_bias")
+# LowRankFactors field -> tensor name template (a low-rank layer stores these plus the BIAS_FIELDS)
+LOWRANK_TENSORS: dict[str, str] = {
+    "k_down": K_PRED_DOWN,
+    "k_up": K_PRED_UP,
+    "v_down_k": V_PRED_K_DOWN,
+    "v_down_v": V_PRED_V_DOWN,
+    "v_up": V_PRED_UP,
+}
+
+# a low-rank layer's tensors: the factors, then the biases (no dense weights)
+LOWRANK_LAYER_TENSORS: dict[str, str] = {**LOWRANK_TENSORS, **{f: LAYER_TENSORS[f] for f in BIAS_FIELDS}}
+
+
+def layer_tensor_templates(form: str) -> dict[str, str]:
+    """Field -> tensor name template of one layer l >= 1 of predictor form ``form``."""
+    return LOWRANK_LAYER_TENSORS if form == FORM_LOWRANK else LAYER_TENSORS
 
 
 def is_aquakv_tensor(name: str) -> bool:

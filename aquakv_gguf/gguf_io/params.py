@@ -15,7 +15,61 @@ from typing import Any, Literal
 
 import numpy as np
 
+from . import names
+
 ChannelOrder = Literal["hf", "llama.cpp"]
+PredictorForm = Literal["dense", "lowrank"]
+
+
+@dataclass
+class LowRankFactors:
+    """Low-rank factors of one layer's predictors (form "lowrank"), numpy ``[C_out, C_in]`` orientation.
+
+    k_down: D_k ``[R_k, C]``, k_up: U_k ``[C, R_k]``: keys ``p = U_k @ (D_k @ k_hat_prev) + a``.
+    v_down_k: D_vk ``[R_v, C]`` (input: this layer's k_hat), v_down_v: D_vv ``[R_v, C]`` (input: the
+    previous layer's v_hat), v_up: U_v ``[C, R_v]``: values ``q = U_v @ (D_vk @ k_hat + D_vv @ v_hat_prev) + b``.
+    The order of the arithmetic is part of the format (the native cache computes exactly this):
+    first the R-vector z (for values the sum of both down products), then U @ z, then the bias.
+    """
+
+    k_down: np.ndarray
+    k_up: np.ndarray
+    v_down_k: np.ndarray
+    v_down_v: np.ndarray
+    v_up: np.ndarray
+
+    @property
+    def rank_k(self) -> int:
+        return int(self.k_down.shape[0])
+
+    @property
+    def rank_v(self) -> int:
+        return int(self.v_up.shape[1])
+
+    @staticmethod
+    def shapes(n_channels: int, rank_k: int, rank_v: int) -> dict[str, tuple[int, int]]:
+        """Expected numpy shape of every factor field."""
+        c = n_channels
+        return {"k_down": (rank_k, c), "k_up": (c, rank_k), "v_down_k": (rank_v, c), "v_down_v": (rank_v, c),
+                "v_up": (c, rank_v)}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def map(self, fn) -> LowRankFactors:
+        """A copy with ``fn(name, array)`` applied to every factor."""
+        return LowRankFactors(**{k: fn(k, v) for k, v in self.arrays().items()})
+
+    def products(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The effective dense weights ``(A = U_k D_k, B_K = U_v D_vk, B_V = U_v D_vv)``, f32 ``[C, C]``.
+
+        Computed in float64 (then rounded to f32) from the factors as they are: for maths only,
+        never what the cache computes (it keeps the factored order) and never written.
+        """
+        def mul(up: np.ndarray, down: np.ndarray) -> np.ndarray:
+            return (np.asarray(up, dtype=np.float64) @ np.asarray(down, dtype=np.float64)).astype(np.float32)
+
+        return mul(self.k_up, self.k_down), mul(self.v_up, self.v_down_k), mul(self.v_up, self.v_down_v)
 
 
 @dataclass
@@ -25,6 +79,11 @@ class LayerPredictor:
     k_weight: A_l ``[C, C]``; k_bias: a_l ``[C]``: key prediction ``p = A_l @ k_hat_prev + a_l``.
     v_weight_k: B_K ``[C, C]`` (input: this layer's k_hat), v_weight_v: B_V ``[C, C]`` (input:
     the previous layer's v_hat), v_bias: b_l ``[C]``: ``q = B_K @ k_hat + B_V @ v_hat_prev + b_l``.
+
+    factors: None for dense predictors.  For form "lowrank" the factors are the predictor (what
+    is written, and what the reference cache multiplies by, in their order); the three dense
+    fields then hold the effective products U·D (``LowRankFactors.products``) so that code that
+    only needs the maths works unchanged.  Build such a layer with ``from_factors``.
     """
 
     k_weight: np.ndarray
@@ -32,13 +91,26 @@ class LayerPredictor:
     v_weight_k: np.ndarray
     v_weight_v: np.ndarray
     v_bias: np.ndarray
+    factors: LowRankFactors | None = None
+
+    @staticmethod
+    def from_factors(factors: LowRankFactors, k_bias: np.ndarray, v_bias: np.ndarray) -> LayerPredictor:
+        """A low-rank layer whose dense fields are the products of ``factors``."""
+        a, b_k, b_v = factors.products()
+        return LayerPredictor(k_weight=a, k_bias=k_bias, v_weight_k=b_k, v_weight_v=b_v, v_bias=v_bias,
+                              factors=factors)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """Every array: the five dense fields, then the factors' (``k_down``, ...) when low-rank."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "factors"}
+        if self.factors is not None:
+            out.update(self.factors.arrays())
+        return out
 
     def map(self, fn) -> LayerPredictor:
-        """A copy with ``fn(name, array)`` applied to every array."""
-        return LayerPredictor(**{k: fn(k, v) for k, v in self.arrays().items()})
+        """A copy with ``fn(name, array)`` applied to every array (the factors' too)."""
+        dense = {f.name: fn(f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "factors"}
+        return LayerPredictor(**dense, factors=None if self.factors is None else self.factors.map(fn))
 
 
 @dataclass
@@ -53,6 +125,10 @@ class AquaKVParams:
     predictor_block_size: 0 for dense predictor weights; else N dividing C: every weight is
     block-diagonal with ``C/N`` blocks ``[N, N]`` (zeros elsewhere, still stored ``[C, C]``), which
     lets the cache multiply by the blocks alone (C/N times fewer FLOPs).
+    predictor_form: "dense" (``[C, C]`` weights) or "lowrank": every layer's predictor is
+    ``LayerPredictor.factors`` with key rank ``predictor_rank_k`` and value rank
+    ``predictor_rank_v`` (1 <= R <= C; both 0 when dense), about ``C/R`` times fewer FLOPs per
+    product pair; low rank and block-diagonal do not combine.
     """
 
     grid: np.ndarray
@@ -67,6 +143,9 @@ class AquaKVParams:
     channel_order: ChannelOrder = "hf"
     calibration: dict[str, Any] = field(default_factory=dict)
     predictor_block_size: int = 0
+    predictor_form: PredictorForm = "dense"
+    predictor_rank_k: int = 0
+    predictor_rank_v: int = 0
 
     @property
     def n_channels(self) -> int:
@@ -87,9 +166,16 @@ class AquaKVParams:
         return self.predictor_block_size or self.n_channels
 
     def predictor_bytes(self, weight_bytes: int = 2, bias_bytes: int = 4) -> int:
-        """Stored size of all predictors (f16 weights and f32 biases by default)."""
+        """Stored size of all predictors (f16 weights and f32 biases by default).
+
+        Dense: three ``[C, C]`` weights per layer; low rank: the factors, ``2·R_k·C + 3·R_v·C``.
+        """
         c = self.n_channels
-        per_layer = 3 * c * c * weight_bytes + 2 * c * bias_bytes
+        if self.predictor_form == names.FORM_LOWRANK:
+            weights = 2 * self.predictor_rank_k * c + 3 * self.predictor_rank_v * c
+        else:
+            weights = 3 * c * c
+        per_layer = weights * weight_bytes + 2 * c * bias_bytes
         return per_layer * sum(p is not None for p in self.predictors)
 
     def with_channel_order(self, order: ChannelOrder, *, permutes_qk: bool) -> AquaKVParams:
@@ -97,7 +183,8 @@ class AquaKVParams:
 
         ``permutes_qk`` is the recipe's ``llama_cpp_permutes_qk``: when False both orders coincide.
         With P the permutation matrix of llama_cpp_key_permutation (``k_llama = P @ k_hf``):
-        A' = P A Pᵀ, a' = P a, B_K' = B_K Pᵀ; value channels are never permuted.
+        A' = P A Pᵀ, a' = P a, B_K' = B_K Pᵀ; low-rank factors U_k' = P U_k, D_k' = D_k Pᵀ,
+        D_vk' = D_vk Pᵀ; value channels are never permuted.
         """
         if order == self.channel_order:
             return self
@@ -128,15 +215,40 @@ def permute_predictor(pred: LayerPredictor, perm: np.ndarray) -> LayerPredictor:
     """Apply the key-channel permutation ``perm`` (new[i] = old[perm[i]]) to one layer's predictors.
 
     Key channels are the output and input of A (rows and columns), the output of a, and the
-    input (columns) of B_K.  B_V, b and every value channel stay as they are.
+    input (columns) of B_K; of the low-rank factors, the output (rows) of U_k and the inputs
+    (columns) of D_k and D_vk.  B_V, D_vv, U_v, b and every value channel stay as they are.
     """
+    f = pred.factors
     return LayerPredictor(
         k_weight=pred.k_weight[np.ix_(perm, perm)].copy(),
         k_bias=pred.k_bias[perm].copy(),
         v_weight_k=pred.v_weight_k[:, perm].copy(),
         v_weight_v=pred.v_weight_v.copy(),
         v_bias=pred.v_bias.copy(),
+        factors=None if f is None else LowRankFactors(
+            k_down=f.k_down[:, perm].copy(), k_up=f.k_up[perm].copy(), v_down_k=f.v_down_k[:, perm].copy(),
+            v_down_v=f.v_down_v.copy(), v_up=f.v_up.copy()),
     )
+
+
+def check_predictor_form(form: str, rank_k: int, rank_v: int, n_channels: int, block_size: int = 0) -> None:
+    """Raise ValueError (naming the problem) unless ``form`` with these ranks and block size is valid.
+
+    form: one of ``names.PREDICTOR_FORMS``.  "dense" has no ranks (both 0); "lowrank" needs
+    ``1 <= rank <= C`` for keys and values and no block size (0 or C: the native cache has no
+    block-diagonal low-rank products).
+    """
+    if form not in names.PREDICTOR_FORMS:
+        raise ValueError(f"unknown predictor form {form!r} (expected one of {', '.join(names.PREDICTOR_FORMS)})")
+    if form == names.FORM_DENSE:
+        if rank_k or rank_v:
+            raise ValueError(f"dense predictors have no ranks (got rank_k {rank_k}, rank_v {rank_v})")
+        return
+    if block_size and block_size != n_channels:
+        raise ValueError(f"low-rank predictors cannot also be block-diagonal (block size {block_size})")
+    for what, rank in (("rank_k", rank_k), ("rank_v", rank_v)):
+        if not 1 <= rank <= n_channels:
+            raise ValueError(f"low-rank predictor {what} {rank} must be in [1, C = {n_channels}]")
 
 
 def off_block_max(w: np.ndarray, block: int) -> float:

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import names
 from .errors import AquaKVFormatError
-from .params import AquaKVParams, LayerPredictor, off_block_max
+from .params import AquaKVParams, LayerPredictor, LowRankFactors, check_predictor_form, off_block_max
 from .rawgguf import RawGGUF
 
 
@@ -106,7 +106,10 @@ def read_aqua_gguf(path: str | os.PathLike[str]) -> AquaKVParams:
     matching aquakv.grid.size/grid0.size/grid.dim; group size a power of two dividing C; every
     layer 1..n_layer-1 has all five predictor tensors with shapes ``[C, C]``/``[C]`` (C =
     head_count_kv * key_length), f16/f32 weights and f32 biases, finite; no AQUA-KV tensors
-    for layer 0 or beyond the model's layers.
+    for layer 0 or beyond the model's layers.  aquakv.predictor.form "lowrank" (absent: dense)
+    instead needs the ranks (1..C) and the five factors (``[R, C]``/``[C, R]``) plus the two
+    biases per layer, no dense weights and no block size; its layers' dense fields are the
+    products U·D of the stored factors (``LayerPredictor.from_factors``).
     """
     path = Path(path)
     raw = RawGGUF(path)
@@ -131,6 +134,8 @@ def read_aqua_gguf(path: str | os.PathLike[str]) -> AquaKVParams:
     block = _uniform_int(_field(raw, names.KEY_PREDICTOR_BLOCK, 0, required=False), names.KEY_PREDICTOR_BLOCK, path)
     if block and (block < 0 or c % block):
         raise AquaKVFormatError(f"{path}: {names.KEY_PREDICTOR_BLOCK} {block} must divide C = {c}")
+    form, rank_k, rank_v = _predictor_form(raw, path, c)
+    lowrank = form == names.FORM_LOWRANK
     tensors = {t.name: t for t in raw.tensors}
 
     def get(name: str, shape: tuple[int, ...], allow_f16: bool) -> np.ndarray:
@@ -154,21 +159,29 @@ def read_aqua_gguf(path: str | os.PathLike[str]) -> AquaKVParams:
     grid = get(names.TENSOR_GRID, (meta[names.KEY_GRID_SIZE], dim), False)
     grid0 = get(names.TENSOR_GRID0, (meta[names.KEY_GRID0_SIZE], dim), False)
     predictors: list[LayerPredictor | None] = [None]
+    factor_shapes = LowRankFactors.shapes(c, rank_k, rank_v)
+    layer_templates = names.layer_tensor_templates(form)
     for layer in range(1, dims.n_layers):
         arrays = {}
-        for field, template in names.LAYER_TENSORS.items():
-            shape = (c, c) if field in names.WEIGHT_FIELDS else (c,)
-            arrays[field] = get(template.format(layer=layer), shape, field in names.WEIGHT_FIELDS)
+        for field, template in layer_templates.items():
+            shape = factor_shapes.get(field) or ((c, c) if field in names.WEIGHT_FIELDS else (c,))
+            is_weight = field not in names.BIAS_FIELDS
+            arrays[field] = get(template.format(layer=layer), shape, is_weight)
             if field in names.WEIGHT_FIELDS and block and (off := off_block_max(arrays[field], block)) > 0:
                 raise AquaKVFormatError(f"{path}: tensor {template.format(layer=layer)} has entry {off:g} outside "
                                         f"its diagonal {block}x{block} blocks ({names.KEY_PREDICTOR_BLOCK} = {block})")
-        predictors.append(LayerPredictor(**arrays))
+        if lowrank:
+            factors = LowRankFactors(**{f: arrays[f] for f in names.LOWRANK_TENSORS})
+            predictors.append(LayerPredictor.from_factors(factors, arrays["k_bias"], arrays["v_bias"]))
+        else:
+            predictors.append(LayerPredictor(**arrays))
     expected = {names.TENSOR_GRID, names.TENSOR_GRID0} | {
-        template.format(layer=layer) for layer in range(1, dims.n_layers) for template in names.LAYER_TENSORS.values()}
+        template.format(layer=layer) for layer in range(1, dims.n_layers) for template in layer_templates.values()}
     unexpected = sorted(n for n in tensors if names.is_aquakv_tensor(n) and n not in expected)
     if unexpected:
         raise AquaKVFormatError(f"{path}: unexpected AQUA-KV tensors for this model ({', '.join(unexpected[:3])}"
-                                f"{', ...' if len(unexpected) > 3 else ''}): n_layer is {dims.n_layers}")
+                                f"{', ...' if len(unexpected) > 3 else ''}): n_layer is {dims.n_layers}, "
+                                f"predictor form {form}")
     calibration = {k[len(names.CALIBRATION_PREFIX):]: f.value for k, f in raw.fields.items()
                    if k.startswith(names.CALIBRATION_PREFIX)}
     return AquaKVParams(
@@ -176,7 +189,36 @@ def read_aqua_gguf(path: str | os.PathLike[str]) -> AquaKVParams:
         prefix_tokens=meta[names.KEY_PREFIX_TOKENS], recent_tokens=meta[names.KEY_RECENT_TOKENS],
         n_layers=dims.n_layers, n_kv_heads=dims.n_kv_heads, head_dim=dims.head_dim,
         predictors=predictors, channel_order="llama.cpp", calibration=calibration,
-        predictor_block_size=0 if block == c else block)
+        predictor_block_size=0 if block == c else block, predictor_form=form, predictor_rank_k=rank_k,
+        predictor_rank_v=rank_v)
+
+
+def _predictor_form(raw: RawGGUF, path: Path, c: int) -> tuple[str, int, int]:
+    """``(form, rank_k, rank_v)`` from the aquakv.predictor.* keys (ranks 0 when dense).
+
+    An absent form key is "dense" (files written before the key existed).  The ranks are
+    required with "lowrank" and refused with "dense"; "lowrank" also refuses a block-size key.
+    """
+    form = _field(raw, names.KEY_PREDICTOR_FORM, names.FORM_DENSE, required=False)
+    if not isinstance(form, str):
+        raise AquaKVFormatError(f"{path}: {names.KEY_PREDICTOR_FORM} is not a string ({form!r})")
+    if form not in names.PREDICTOR_FORMS:
+        raise AquaKVFormatError(f"{path}: unknown {names.KEY_PREDICTOR_FORM} {form!r} "
+                                f"(this reader knows {', '.join(names.PREDICTOR_FORMS)})")
+    rank_keys = (names.KEY_PREDICTOR_RANK_K, names.KEY_PREDICTOR_RANK_V)
+    if form != names.FORM_LOWRANK:
+        if present := [k for k in rank_keys if k in raw.fields]:
+            raise AquaKVFormatError(f"{path}: {present[0]} is set but {names.KEY_PREDICTOR_FORM} is {form!r}")
+        return form, 0, 0
+    if names.KEY_PREDICTOR_BLOCK in raw.fields:
+        raise AquaKVFormatError(f"{path}: {names.KEY_PREDICTOR_BLOCK} and {names.KEY_PREDICTOR_FORM} 'lowrank' "
+                                "cannot be combined (low-rank predictors are not block-diagonal)")
+    rank_k, rank_v = (_uniform_int(_field(raw, k), k, path) for k in rank_keys)
+    try:
+        check_predictor_form(form, rank_k, rank_v, c)
+    except ValueError as exc:
+        raise AquaKVFormatError(f"{path}: {exc}") from None
+    return form, rank_k, rank_v
 
 
 def validate_aqua_gguf(path: str | os.PathLike[str]) -> AquaKVParams:

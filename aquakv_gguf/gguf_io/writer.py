@@ -19,7 +19,7 @@ from gguf import GGUFValueType
 
 from . import names
 from .errors import AquaKVFormatError
-from .params import AquaKVParams, off_block_max
+from .params import AquaKVParams, LayerPredictor, LowRankFactors, check_predictor_form, off_block_max
 from .rawgguf import RawGGUF, rewrite
 
 log = logging.getLogger(__name__)
@@ -47,22 +47,33 @@ def _calibration_value(value: Any) -> tuple[Any, GGUFValueType, GGUFValueType | 
     raise TypeError(f"unsupported calibration metadata value {value!r}")
 
 
+def _layer_tensors(params: AquaKVParams, layer: int, pred: LayerPredictor,
+                   weight_dtype: np.dtype = np.float16) -> dict[str, np.ndarray]:
+    """``{tensor name: array}`` of one layer l >= 1 as stored: weights in ``weight_dtype``, biases f32.
+
+    Dense: the three weights and two biases; low rank: the five factors and the two biases
+    (the dense products of a low-rank layer are not stored).
+    """
+    arrays = pred.arrays()  # the dense fields and, when low-rank, the factors' fields
+    templates = names.layer_tensor_templates(params.predictor_form)
+    return {template.format(layer=layer): np.ascontiguousarray(
+                arrays[f], dtype=np.float32 if f in names.BIAS_FIELDS else weight_dtype)
+            for f, template in templates.items()}
+
+
 def aquakv_tensors(params: AquaKVParams, weight_dtype: np.dtype = np.float16) -> dict[str, np.ndarray]:
     """The AQUA-KV tensors as numpy arrays in writing order (numpy shape = reversed GGUF ne).
 
-    grid/grid0: ``[n_points, dim]`` f32; per layer N >= 1 weights ``[C_out, C_in]`` in
-    ``weight_dtype`` and biases ``[C]`` f32.
+    grid/grid0: ``[n_points, dim]`` f32; per layer N >= 1 weights ``[C_out, C_in]`` (dense) or
+    factors (``[R, C]`` / ``[C, R]``, low rank) in ``weight_dtype`` and biases ``[C]`` f32.
     """
     out: dict[str, np.ndarray] = {
         names.TENSOR_GRID: np.ascontiguousarray(params.grid, dtype=np.float32),
         names.TENSOR_GRID0: np.ascontiguousarray(params.grid0, dtype=np.float32),
     }
     for layer, pred in enumerate(params.predictors):
-        if pred is None:
-            continue
-        for field, template in names.LAYER_TENSORS.items():
-            dtype = weight_dtype if field in names.WEIGHT_FIELDS else np.float32
-            out[template.format(layer=layer)] = np.ascontiguousarray(getattr(pred, field), dtype=dtype)
+        if pred is not None:
+            out.update(_layer_tensors(params, layer, pred, weight_dtype))
     return out
 
 
@@ -77,7 +88,12 @@ def aquakv_metadata(params: AquaKVParams) -> list[tuple[str, Any, GGUFValueType,
         (names.KEY_GROUP_SIZE, int(params.group_size), u32, None),
         (names.KEY_PREFIX_TOKENS, int(params.prefix_tokens), u32, None),
         (names.KEY_RECENT_TOKENS, int(params.recent_tokens), u32, None),
+        # always written (readers treat its absence as "dense", for files from before it existed)
+        (names.KEY_PREDICTOR_FORM, params.predictor_form, GGUFValueType.STRING, None),
     ]
+    if params.predictor_form == names.FORM_LOWRANK:
+        rows.append((names.KEY_PREDICTOR_RANK_K, int(params.predictor_rank_k), u32, None))
+        rows.append((names.KEY_PREDICTOR_RANK_V, int(params.predictor_rank_v), u32, None))
     if params.predictor_block_size:
         rows.append((names.KEY_PREDICTOR_BLOCK, int(params.predictor_block_size), u32, None))
     for key, value in params.calibration.items():
@@ -93,13 +109,20 @@ def check_params(params: AquaKVParams) -> None:
     block = params.block_size
     if block <= 0 or c % block:
         raise ValueError(f"predictor_block_size {params.predictor_block_size} must divide C = {c}")
+    check_predictor_form(params.predictor_form, params.predictor_rank_k, params.predictor_rank_v, c,
+                         params.predictor_block_size)
+    lowrank = params.predictor_form == names.FORM_LOWRANK
+    factor_shapes = LowRankFactors.shapes(c, params.predictor_rank_k, params.predictor_rank_v)
     if len(params.predictors) != params.n_layers or params.predictors[0] is not None:
         raise ValueError(f"need {params.n_layers} predictor slots with None at layer 0")
     for layer, pred in enumerate(params.predictors[1:], start=1):
         if pred is None:
             raise ValueError(f"layer {layer} has no predictor")
+        if lowrank != (pred.factors is not None):
+            raise ValueError(f"layer {layer}: predictor_form is {params.predictor_form!r} but the layer "
+                             + ("has no low-rank factors" if lowrank else "carries low-rank factors"))
         for field, arr in pred.arrays().items():
-            want = (c, c) if field in names.WEIGHT_FIELDS else (c,)
+            want = factor_shapes.get(field) or ((c, c) if field in names.WEIGHT_FIELDS else (c,))
             if arr.shape != want:
                 raise ValueError(f"layer {layer} {field}: shape {arr.shape}, expected {want}")
             if field in names.WEIGHT_FIELDS and (off := off_block_max(arr, block)) > 0:

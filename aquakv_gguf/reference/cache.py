@@ -7,7 +7,8 @@ Modes (``AquaKVCache(model, mode=...)``):
 - ``"higgs"``: P f16 sinks, f16 recent window, completed chunks of W tokens quantized with HIGGS
   (same grid, group size, sinks and window as AQUA-KV; no predictors).
 - ``"aqua"``: as "higgs" but layer 0 uses the 4-bit grid0 and layers l >= 1 quantize the
-  residual of the chained predictors (DESIGN §3), exactly like calibration.
+  residual of the chained predictors (DESIGN §3), exactly like calibration; low-rank predictors
+  (``predictor_form == "lowrank"``) multiply by their factors in the format's order.
 
 How pre-RoPE keys are obtained: transformers hands ``Cache.update`` keys *after* RoPE and no
 sin/cos.  Rather than invert RoPE numerically, a forward hook on the recipe's key module
@@ -36,7 +37,8 @@ from aquakv_gguf.calibrate.quantizer import RowQuantizer, bits_to_points, key_qu
 from aquakv_gguf.calibrate.recipes import Recipe, recipe_for_hf_config
 from aquakv_gguf.gguf_io.params import AquaKVParams
 
-from .semantics import apply_rope, predict_keys, predict_values, quantized_end, residual_quantize
+from . import semantics
+from .semantics import apply_rope, quantized_end, residual_quantize
 
 Mode = Literal["off", "f16", "higgs", "aqua"]
 MODES: tuple[str, ...] = ("off", "f16", "higgs", "aqua")
@@ -111,13 +113,20 @@ class RowConfig:
     def quantizes(self) -> bool:
         return self.mode in ("higgs", "aqua")
 
+    @property
+    def lowrank(self) -> bool:
+        return self.params is not None and self.params.predictor_form == "lowrank"
+
     def predictors(self, layer: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """``(A [C,C], a [C], B_K [C,C], B_V [C,C], b [C])`` float32 on ``device``."""
+        """float32 on ``device``: dense ``(A [C,C], a [C], B_K [C,C], B_V [C,C], b [C])``; low rank
+        ``(D_k [R_k,C], U_k [C,R_k], a [C], D_vk [R_v,C], D_vv [R_v,C], U_v [C,R_v], b [C])``."""
         key = (layer, device)
         if key not in self._pred:
             p = self.params.predictors[layer]
-            self._pred[key] = tuple(torch.as_tensor(np.asarray(a, dtype=np.float32), device=device)
-                                    for a in (p.k_weight, p.k_bias, p.v_weight_k, p.v_weight_v, p.v_bias))
+            f = p.factors
+            arrays = ((f.k_down, f.k_up, p.k_bias, f.v_down_k, f.v_down_v, f.v_up, p.v_bias) if self.lowrank
+                      else (p.k_weight, p.k_bias, p.v_weight_k, p.v_weight_v, p.v_bias))
+            self._pred[key] = tuple(torch.as_tensor(np.asarray(a, dtype=np.float32), device=device) for a in arrays)
         return self._pred[key]
 
 
@@ -314,9 +323,15 @@ class AquaKVCache(Cache):
         if prev.q_end < end:
             raise RuntimeError(f"layer {layer - 1} has not quantized positions up to {end}: layers out of order")
         k_prev, v_prev = prev.k_hat[idx, start:end], prev.v_hat[idx, start:end]
+        if cfg.lowrank:
+            d_k, u_k, a_b, d_vk, d_vv, u_v, b_b = cfg.predictors(layer, k.device)
+            k_hat = residual_quantize(k, semantics.predict_keys_lowrank(k_prev, d_k, u_k, a_b), cfg.qk)
+            q = semantics.predict_values_lowrank(k_hat, v_prev, d_vk, d_vv, u_v, b_b)
+            v_hat = residual_quantize(v, q, cfg.q)
+            return k_hat, v_hat
         a_w, a_b, b_k, b_v, b_b = cfg.predictors(layer, k.device)
-        k_hat = residual_quantize(k, predict_keys(k_prev, a_w, a_b), cfg.qk)
-        v_hat = residual_quantize(v, predict_values(k_hat, v_prev, b_k, b_v, b_b), cfg.q)
+        k_hat = residual_quantize(k, semantics.predict_keys(k_prev, a_w, a_b), cfg.qk)
+        v_hat = residual_quantize(v, semantics.predict_values(k_hat, v_prev, b_k, b_v, b_b), cfg.q)
         return k_hat, v_hat
 
     def rope(self, k: torch.Tensor, start: int, end: int) -> torch.Tensor:

@@ -39,6 +39,27 @@ def predict_values(k_hat: torch.Tensor, v_hat_prev: torch.Tensor, b_k: torch.Ten
     return torch.matmul(k_hat, b_k.T) + torch.matmul(v_hat_prev, b_v.T) + b_b
 
 
+def predict_keys_lowrank(k_hat_prev: torch.Tensor, k_down: torch.Tensor, k_up: torch.Tensor,
+                         a_b: torch.Tensor) -> torch.Tensor:
+    """``p = U_k (D_k k̂_{l-1}) + a``: k_down ``[R, C]``, k_up ``[C, R]``, a_b ``[C]``; ``[..., C] -> [..., C]``.
+
+    In the format's order (the native cache's): the R-vector ``z = D_k k̂`` first, then ``U_k z``,
+    then the bias; never through the product ``U_k D_k``.
+    """
+    return torch.matmul(torch.matmul(k_hat_prev, k_down.T), k_up.T) + a_b
+
+
+def predict_values_lowrank(k_hat: torch.Tensor, v_hat_prev: torch.Tensor, v_down_k: torch.Tensor,
+                           v_down_v: torch.Tensor, v_up: torch.Tensor, b_b: torch.Tensor) -> torch.Tensor:
+    """``q = U_v (D_vk k̂_l + D_vv v̂_{l-1}) + b``: downs ``[R, C]``, v_up ``[C, R]``; ``[..., C] -> [..., C]``.
+
+    Order as in predict_keys_lowrank: ``z = D_vk k̂ + D_vv v̂`` (the two R-vectors summed), then
+    ``U_v z``, then the bias.
+    """
+    z = torch.matmul(k_hat, v_down_k.T) + torch.matmul(v_hat_prev, v_down_v.T)
+    return torch.matmul(z, v_up.T) + b_b
+
+
 def residual_quantize(x: torch.Tensor, pred: torch.Tensor, quantizer: Quantizer) -> torch.Tensor:
     """``pred + Q(x − pred)``."""
     return pred + quantizer(x - pred)

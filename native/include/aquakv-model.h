@@ -15,12 +15,27 @@ struct llama_model_base;
 // Predictors of one layer l >= 1, in llama.cpp's channel order; C = n_embd_k_gqa.
 //   k̂_l = p + Q(k_l - p),  p = k_pred_w · k̂_{l-1} + k_pred_b
 //   v̂_l = q + Q(v_l - q),  q = v_pred_k_w · k̂_l + v_pred_v_w · v̂_{l-1} + v_pred_b
+// Low-rank form (aquakv.predictor.form = "lowrank"): the dense weights are absent and
+//   p = k_up · (k_down · k̂_{l-1}) + k_pred_b
+//   q = v_up · (v_down_k · k̂_l + v_down_v · v̂_{l-1}) + v_pred_b
+// in that order (the inner R-vector first), as the torch reference computes it.
 struct aquakv_layer_tensors {
-    ggml_tensor * k_pred_w   = nullptr;  // [C, C] (ne0 = input channel)
+    ggml_tensor * k_pred_w   = nullptr;  // [C, C] (ne0 = input channel); dense only
     ggml_tensor * k_pred_b   = nullptr;  // [C]
-    ggml_tensor * v_pred_k_w = nullptr;  // [C, C]
-    ggml_tensor * v_pred_v_w = nullptr;  // [C, C]
+    ggml_tensor * v_pred_k_w = nullptr;  // [C, C]; dense only
+    ggml_tensor * v_pred_v_w = nullptr;  // [C, C]; dense only
     ggml_tensor * v_pred_b   = nullptr;  // [C]
+
+    ggml_tensor * k_down   = nullptr;  // ne = [C, R_k]; low-rank only
+    ggml_tensor * k_up     = nullptr;  // ne = [R_k, C]
+    ggml_tensor * v_down_k = nullptr;  // ne = [C, R_v]
+    ggml_tensor * v_down_v = nullptr;  // ne = [C, R_v]
+    ggml_tensor * v_up     = nullptr;  // ne = [R_v, C]
+};
+
+enum aquakv_predictor_kind {
+    AQUAKV_PREDICTOR_DENSE   = 0,  // [C, C] weights, optionally block-diagonal (block_size < C)
+    AQUAKV_PREDICTOR_LOWRANK = 1,  // factors of rank rank_k / rank_v
 };
 
 struct aquakv_model_data {
@@ -33,6 +48,9 @@ struct aquakv_model_data {
     uint32_t recent_tokens = 0;  // W: recent tokens kept in f16 until a chunk is quantized
     uint32_t n_channels    = 0;  // C
     uint32_t block_size    = 0;  // N: predictor weights are block-diagonal with [N, N] blocks (N = C: dense)
+    aquakv_predictor_kind predictor = AQUAKV_PREDICTOR_DENSE;  // aquakv.predictor.form (absent: dense)
+    uint32_t rank_k        = 0;  // aquakv.predictor.rank_k (low-rank only)
+    uint32_t rank_v        = 0;  // aquakv.predictor.rank_v
     bool     enabled       = true;  // aquakv.enabled (override) / AQUAKV_ENABLED: use the AQUA-KV cache
 
     ggml_tensor * grid  = nullptr;  // [d, n] f32

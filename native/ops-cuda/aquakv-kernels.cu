@@ -135,7 +135,7 @@ __global__ void aquakv_window_kernel(const char * rows, size_t rows_nb1, const i
 
 __global__ void aquakv_decode_kernel(const char * codes, size_t nb1, size_t nb2, size_t nb3, int64_t ne1, int64_t ne2,
                                      char * out, size_t onb1, size_t onb2, size_t onb3, const float * grid,
-                                     aquakv_cuda_layout L) {
+                                     const char * pred, size_t pred_nb1, const float * bias, aquakv_cuda_layout L) {
     extern __shared__ float smem[];
     float * x      = smem;              // [C]
     float * s_grid = x + L.n_channels;  // [n*d]
@@ -167,8 +167,32 @@ __global__ void aquakv_decode_kernel(const char * codes, size_t nb1, size_t nb2,
     block_fwht(x, C, G);
     float * dst = (float *) (out + i1*onb1 + i2*onb2 + i3*onb3);
     const float inv_g = 1.0f/(float) G;
+    const float * p = pred ? (const float *) (pred + r*pred_nb1) : nullptr;
     for (int i = threadIdx.x; i < C; i += blockDim.x) {
-        dst[i] = x[i]*inv_g;
+        float v = x[i]*inv_g;
+        if (p) {
+            v += p[i];
+        }
+        if (bias) {
+            v += bias[i];
+        }
+        dst[i] = v;
+    }
+}
+
+// window rows over their reconstructed cells: dst row win_dst[j] = win[win_src[j]] (F16 -> F32)
+__global__ void aquakv_window_read_kernel(const char * win, size_t win_nb1, int64_t n_slots, const int32_t * win_src,
+                                          const int32_t * win_dst, char * out, size_t onb1, int64_t n_rows, int C) {
+    const int j = blockIdx.x;
+    const int32_t slot = win_src[j];
+    const int32_t row  = win_dst[j];
+    if (slot < 0 || slot >= n_slots || row < 0 || row >= n_rows) {
+        return;
+    }
+    const half * src = (const half *) (win + slot*win_nb1);
+    float * dst = (float *) (out + row*onb1);
+    for (int i = threadIdx.x; i < C; i += blockDim.x) {
+        dst[i] = __half2float(src[i]);
     }
 }
 
@@ -193,9 +217,19 @@ cudaError_t aquakv_cuda_window(cudaStream_t stream, const char * rows, size_t ro
 
 cudaError_t aquakv_cuda_decode(cudaStream_t stream, const char * codes, size_t nb1, size_t nb2, size_t nb3,
                                int64_t ne1, int64_t ne2, int64_t ne3, char * out, size_t onb1, size_t onb2,
-                               size_t onb3, const float * grid, aquakv_cuda_layout L) {
+                               size_t onb3, const float * grid, const char * pred, size_t pred_nb1,
+                               const float * bias, aquakv_cuda_layout L) {
     const size_t smem = sizeof(float)*(L.n_channels + AQUAKV_MAX_GRID_FLOATS);
     aquakv_decode_kernel<<<(unsigned) (ne1*ne2*ne3), AQUAKV_BLOCK, smem, stream>>>(codes, nb1, nb2, nb3, ne1, ne2, out,
-                                                                                onb1, onb2, onb3, grid, L);
+                                                                                onb1, onb2, onb3, grid, pred, pred_nb1,
+                                                                                bias, L);
+    return cudaGetLastError();
+}
+
+cudaError_t aquakv_cuda_window_read(cudaStream_t stream, const char * win, size_t win_nb1, int64_t n_slots,
+                                    const int32_t * win_src, const int32_t * win_dst, int64_t n_w, char * out,
+                                    size_t onb1, int64_t n_rows, int n_channels) {
+    aquakv_window_read_kernel<<<(unsigned) n_w, AQUAKV_BLOCK, 0, stream>>>(win, win_nb1, n_slots, win_src, win_dst, out,
+                                                                          onb1, n_rows, n_channels);
     return cudaGetLastError();
 }

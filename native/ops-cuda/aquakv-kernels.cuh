@@ -30,4 +30,10 @@ cudaError_t aquakv_cuda_window(cudaStream_t stream, const char * rows, size_t ro
 
 cudaError_t aquakv_cuda_decode(cudaStream_t stream, const char * codes, size_t nb1, size_t nb2, size_t nb3,
                                int64_t ne1, int64_t ne2, int64_t ne3, char * out, size_t onb1, size_t onb2,
-                               size_t onb3, const float * grid, aquakv_cuda_layout L);
+                               size_t onb3, const float * grid, const char * pred, size_t pred_nb1,
+                               const float * bias, aquakv_cuda_layout L);
+
+// out rows (contiguous, stride onb1) win_dst[j] = f32(win rows win_src[j])
+cudaError_t aquakv_cuda_window_read(cudaStream_t stream, const char * win, size_t win_nb1, int64_t n_slots,
+                                    const int32_t * win_src, const int32_t * win_dst, int64_t n_w, char * out,
+                                    size_t onb1, int64_t n_rows, int n_channels);

@@ -18,6 +18,12 @@ bool ggml_cuda_aquakv_supports_op(const ggml_tensor * op) {
                             op->op_params[AQUAKV_P_GRID_DIM], op->op_params[AQUAKV_P_GRID_SIZE], &l)) {
         return false;
     }
+    if (op->op == GGML_OP_AQUAKV_DECODE && op->src[7] != nullptr) {
+        return false;  // the in-kernel up-projection is CPU-only: the graph uses cuBLAS for it on a GPU
+    }
+    if (op->op == GGML_OP_AQUAKV_DECODE && op->src[4] != nullptr && !ggml_is_contiguous(op)) {
+        return false;
+    }
     return l.grid_dim <= 4 && l.grid_size*l.grid_dim <= AQUAKV_MAX_GRID_FLOATS && l.grid_size <= 256 &&
            l.n_channels/l.group_size <= AQUAKV_MAX_GROUPS && l.n_channels <= 8192;
 }
@@ -50,7 +56,19 @@ void ggml_cuda_op_aquakv_decode(ggml_backend_cuda_context & ctx, ggml_tensor * d
     if (ggml_nelements(dst) == 0) {
         return;
     }
+    const ggml_tensor * pred = dst->src[2];
+    const ggml_tensor * bias = dst->src[3];
+    const ggml_tensor * win  = dst->src[4];
     CUDA_CHECK(aquakv_cuda_decode(ctx.stream(), (const char *) codes->data, codes->nb[1], codes->nb[2], codes->nb[3],
                                   codes->ne[1], codes->ne[2], codes->ne[3], (char *) dst->data, dst->nb[1], dst->nb[2],
-                                  dst->nb[3], (const float *) dst->src[1]->data, L));
+                                  dst->nb[3], (const float *) dst->src[1]->data,
+                                  pred ? (const char *) pred->data : nullptr, pred ? pred->nb[1] : 0,
+                                  bias ? (const float *) bias->data : nullptr, L));
+    if (win && ggml_nelements(dst->src[6]) > 0) {
+        // rows of dst are contiguous over (i1, i2, i3) (supports_op), so row r is at r*nb1
+        CUDA_CHECK(aquakv_cuda_window_read(ctx.stream(), (const char *) win->data, win->nb[1], win->ne[1],
+                                           (const int32_t *) dst->src[5]->data, (const int32_t *) dst->src[6]->data,
+                                           ggml_nelements(dst->src[6]), (char *) dst->data, dst->nb[1],
+                                           ggml_nrows(dst), L.n_channels));
+    }
 }

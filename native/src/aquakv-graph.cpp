@@ -3,8 +3,10 @@
 // Per layer l, for keys and then values:
 //   store: residual = x - prediction (from the previous layer's reconstruction, gathered at the
 //          cells being encoded), encoded into packed rows; new window tokens go to the f16 window
-//   read:  K̂_l = decode(codes of the attended cells) + A_l·K̂_{l-1} + a_l, then the window rows
-//          overwrite their cells; RoPE by cell position; flash (or plain) attention.
+//   read:  K̂_l = decode(codes of the attended cells) + A_l·K̂_{l-1} + a_l with the window rows
+//          over their cells, in one reconstruct op; RoPE by cell position; flash (or plain)
+//          attention. Low-rank predictors (A_l = U·D) multiply by D in a ggml product and by U
+//          inside the reconstruct op on the CPU.
 // K̂_l and V̂_l stay in the graph as the next layer's predictor input.
 
 #include "aquakv-cache.h"
@@ -176,6 +178,13 @@ ggml_tensor * aquakv_predictor_product(ggml_context * ctx, ggml_tensor * w, ggml
     return ggml_reshape_2d(ctx, ggml_cont(ctx, ggml_permute(ctx, y, 0, 2, 1, 3)), N*form.n_blk, T);
 }
 
+// what the reconstruct op adds to the decoded residuals of every attended cell
+struct aquakv_read_prediction {
+    ggml_tensor * pred = nullptr;  // F32 [C, cells], or the inner vectors [R, cells] when `up` is set
+    ggml_tensor * up   = nullptr;  // the stored up-projection, applied inside the op (host memory only)
+    ggml_tensor * bias = nullptr;  // [C]
+};
+
 } // namespace
 
 uint32_t aquakv_graph_extra_nodes(const llama_model & model) {
@@ -184,8 +193,10 @@ uint32_t aquakv_graph_extra_nodes(const llama_model & model) {
     }
     // per layer, keys and values: the store (f16 rounding, gathers, prediction, encode) and the
     // read (decode, prediction, window rows, RoPE) are ~60 objects; a block-diagonal product adds
-    // 5 reshapes/permutes to each of the 6 products and 2 per weight
-    const uint32_t per_layer = model.aquakv->block_size == model.aquakv->n_channels ? 96 : 160;
+    // 5 reshapes/permutes to each of the 6 products and 2 per weight; a low-rank layer has 10
+    // products and 5 weight casts
+    const aquakv_model_data & md = *model.aquakv;
+    const uint32_t per_layer = md.predictor == AQUAKV_PREDICTOR_LOWRANK ? 128 : md.block_size == md.n_channels ? 96 : 160;
     return per_layer*(uint32_t) model.aquakv->layers.size();
 }
 
@@ -255,7 +266,7 @@ ggml_tensor * aquakv_build_attn(const llm_graph_context & gctx, llm_graph_input_
 
     // one cache side (K or V): store this ubatch, then reconstruct the attended cells
     auto store_and_read = [&](ggml_tensor * x_new, ggml_tensor * codes_storage, ggml_tensor * win_storage,
-                              auto && predict) -> ggml_tensor * {
+                              auto && predict, auto && read_pred) -> ggml_tensor * {
         const size_t row_bytes = (size_t) codes_storage->ne[0];
         ggml_tensor * codes2 = ggml_reshape_2d(ctx0, codes_storage, row_bytes, (int64_t) kv_size*n_stream);
         ggml_tensor * win2   = ggml_reshape_2d(ctx0, win_storage, C, (int64_t) n_win*n_stream);
@@ -281,37 +292,71 @@ ggml_tensor * aquakv_build_attn(const llm_graph_context & gctx, llm_graph_input_
 
         ggml_tensor * codes_view = ggml_view_3d(ctx0, codes_src, row_bytes, n_kv, ns, row_bytes,
                                                 row_bytes*kv_size, row_bytes*kv_size*plan.s0);
-        ggml_tensor * x_hat = ggml_reshape_2d(ctx0, ggml_aquakv_decode(ctx0, codes_view, grid, (int32_t) C, G), C, n_kv*ns);
-        if (il > 0) {
-            x_hat = ggml_add(ctx0, x_hat, predict(nullptr));
-        }
-        if (ai->wread_src) {
-            x_hat = ggml_set_rows(ctx0, x_hat, ggml_get_rows(ctx0, win2, ai->wread_src), ai->wread_dst);
-        }
+        // one op: decode + prediction + bias, window rows over their cells (docs/PERF.md)
+        const aquakv_read_prediction rp = il > 0 ? read_pred() : aquakv_read_prediction{};
+        ggml_tensor * x_hat = ggml_reshape_2d(ctx0,
+            ggml_aquakv_reconstruct(ctx0, codes_view, grid, (int32_t) C, G, rp.pred, rp.up, rp.bias,
+                                    ai->wread_src ? win2 : nullptr, ai->wread_src, ai->wread_dst),
+            C, n_kv*ns);
         return x_hat;  // F32 [C, ns*n_kv]
     };
 
     // rows == nullptr: predictions for every attended cell; else for the rows listed
     auto gather = [&](ggml_tensor * x, ggml_tensor * rows) { return rows ? ggml_get_rows(ctx0, x, rows) : x; };
-    const aquakv_predictor_form form = aquakv_predictor_form_for(P.k_pred_w, md);
-    ggml_tensor * k_w   = aquakv_predictor_weight(ctx0, P.k_pred_w,   form);
-    ggml_tensor * v_k_w = aquakv_predictor_weight(ctx0, P.v_pred_k_w, form);
-    ggml_tensor * v_v_w = aquakv_predictor_weight(ctx0, P.v_pred_v_w, form);
-    auto product = [&](ggml_tensor * w, ggml_tensor * x) { return aquakv_predictor_product(ctx0, w, x, form); };
-
-    ggml_tensor * k_hat = store_and_read(k_new, storage_of(ai->mctx->get_k(ctx0, il)), cache->win_k(il),
-        [&](ggml_tensor * rows) {
-            return ggml_add(ctx0, product(k_w, gather(ai->k_hat_prev, rows)), P.k_pred_b);
-        });
-    gctx.cb(k_hat, "aquakv_k_hat", il);
-
-    ggml_tensor * v_hat = store_and_read(v_new, storage_of(ai->mctx->get_v(ctx0, il)), cache->win_v(il),
-        [&](ggml_tensor * rows) {
-            ggml_tensor * p = ggml_add(ctx0, product(v_k_w, gather(k_hat, rows)),
-                                             product(v_v_w, gather(ai->v_hat_prev, rows)));
-            return ggml_add(ctx0, p, P.v_pred_b);
-        });
-    gctx.cb(v_hat, "aquakv_v_hat", il);
+    ggml_tensor * k_hat = nullptr;
+    ggml_tensor * v_hat = nullptr;
+    ggml_tensor * k_storage = storage_of(ai->mctx->get_k(ctx0, il));
+    ggml_tensor * v_storage = storage_of(ai->mctx->get_v(ctx0, il));
+    if (md.predictor == AQUAKV_PREDICTOR_LOWRANK) {
+        // p = U·(D·x) + b: the inner R-vectors z by ggml products; the up-projection inside the
+        // reconstruct op where U lives in host memory (CPU), else a product (cuBLAS) whose result
+        // the op adds
+        const aquakv_predictor_form form = aquakv_predictor_form_for(P.k_down, md);
+        ggml_tensor * k_dn  = aquakv_predictor_weight(ctx0, P.k_down,   form);
+        ggml_tensor * v_dnk = aquakv_predictor_weight(ctx0, P.v_down_k, form);
+        ggml_tensor * v_dnv = aquakv_predictor_weight(ctx0, P.v_down_v, form);
+        ggml_tensor * k_upw = aquakv_predictor_weight(ctx0, P.k_up,     form);
+        ggml_tensor * v_upw = aquakv_predictor_weight(ctx0, P.v_up,     form);
+        const bool up_in_op = il > 0 && P.k_up->buffer != nullptr && ggml_backend_buffer_is_host(P.k_up->buffer);
+        auto read_lowrank = [&](ggml_tensor * z, ggml_tensor * up_stored, ggml_tensor * up_w, ggml_tensor * b) {
+            if (up_in_op) {
+                return aquakv_read_prediction{ z, up_stored, b };
+            }
+            return aquakv_read_prediction{ ggml_mul_mat(ctx0, up_w, z), nullptr, b };
+        };
+        k_hat = store_and_read(k_new, k_storage, cache->win_k(il),
+            [&](ggml_tensor * rows) {
+                return ggml_add(ctx0, ggml_mul_mat(ctx0, k_upw, ggml_mul_mat(ctx0, k_dn, gather(ai->k_hat_prev, rows))),
+                                P.k_pred_b);
+            },
+            [&]() { return read_lowrank(ggml_mul_mat(ctx0, k_dn, ai->k_hat_prev), P.k_up, k_upw, P.k_pred_b); });
+        gctx.cb(k_hat, "aquakv_k_hat", il);
+        auto v_inner = [&](ggml_tensor * rows) {
+            return ggml_add(ctx0, ggml_mul_mat(ctx0, v_dnk, gather(k_hat, rows)),
+                                  ggml_mul_mat(ctx0, v_dnv, gather(ai->v_hat_prev, rows)));
+        };
+        v_hat = store_and_read(v_new, v_storage, cache->win_v(il),
+            [&](ggml_tensor * rows) { return ggml_add(ctx0, ggml_mul_mat(ctx0, v_upw, v_inner(rows)), P.v_pred_b); },
+            [&]() { return read_lowrank(v_inner(nullptr), P.v_up, v_upw, P.v_pred_b); });
+        gctx.cb(v_hat, "aquakv_v_hat", il);
+    } else {
+        const aquakv_predictor_form form = aquakv_predictor_form_for(P.k_pred_w, md);
+        ggml_tensor * k_w   = aquakv_predictor_weight(ctx0, P.k_pred_w,   form);
+        ggml_tensor * v_k_w = aquakv_predictor_weight(ctx0, P.v_pred_k_w, form);
+        ggml_tensor * v_v_w = aquakv_predictor_weight(ctx0, P.v_pred_v_w, form);
+        auto product = [&](ggml_tensor * w, ggml_tensor * x) { return aquakv_predictor_product(ctx0, w, x, form); };
+        auto v_product = [&](ggml_tensor * rows) {
+            return ggml_add(ctx0, product(v_k_w, gather(k_hat, rows)), product(v_v_w, gather(ai->v_hat_prev, rows)));
+        };
+        k_hat = store_and_read(k_new, k_storage, cache->win_k(il),
+            [&](ggml_tensor * rows) { return ggml_add(ctx0, product(k_w, gather(ai->k_hat_prev, rows)), P.k_pred_b); },
+            [&]() { return aquakv_read_prediction{ product(k_w, ai->k_hat_prev), nullptr, P.k_pred_b }; });
+        gctx.cb(k_hat, "aquakv_k_hat", il);
+        v_hat = store_and_read(v_new, v_storage, cache->win_v(il),
+            [&](ggml_tensor * rows) { return ggml_add(ctx0, v_product(rows), P.v_pred_b); },
+            [&]() { return aquakv_read_prediction{ v_product(nullptr), nullptr, P.v_pred_b }; });
+        gctx.cb(v_hat, "aquakv_v_hat", il);
+    }
 
     ai->k_hat_prev = k_hat;
     ai->v_hat_prev = v_hat;

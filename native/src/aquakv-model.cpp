@@ -28,10 +28,12 @@ bool is_power_of_two(uint32_t x) {
 } // namespace
 
 std::string aquakv_model_data::describe() const {
+    const std::string form = predictor == AQUAKV_PREDICTOR_LOWRANK
+        ? format("low-rank (keys %u, values %u)", rank_k, rank_v)
+        : block_size == n_channels ? std::string("dense") : format("%ux%u block-diagonal", block_size, block_size);
     return format("AQUA-KV v%u: %u-point grid (layer 0: %u) in R^%u, group %u, C = %u, %s predictors, %u sink + %u recent "
                   "f16 tokens, cache %s",
-                  version, grid_size, grid0_size, grid_dim, group_size, n_channels,
-                  block_size == n_channels ? "dense" : format("%ux%u block-diagonal", block_size, block_size).c_str(),
+                  version, grid_size, grid0_size, grid_dim, group_size, n_channels, form.c_str(),
                   prefix_tokens, recent_tokens, enabled ? "on" : "off (aquakv.enabled / AQUAKV_ENABLED)");
 }
 
@@ -99,6 +101,22 @@ aquakv_model_data * aquakv_load_model_data(llama_model_base & model) {
     if (C % data->block_size != 0) {
         throw std::runtime_error(format("aquakv: aquakv.predictor.block_size %u does not divide C = %u", data->block_size, C));
     }
+    std::string form = "dense";
+    ml.get_key(std::string("aquakv.predictor.form"), form, false);
+    if (form == "lowrank") {
+        data->predictor = AQUAKV_PREDICTOR_LOWRANK;
+        data->rank_k = get_u32(ml, "aquakv.predictor.rank_k");
+        data->rank_v = get_u32(ml, "aquakv.predictor.rank_v");
+        if (data->rank_k == 0 || data->rank_k > C || data->rank_v == 0 || data->rank_v > C) {
+            throw std::runtime_error(format("aquakv: predictor ranks %u/%u must lie in 1..C = %u", data->rank_k,
+                                            data->rank_v, C));
+        }
+        if (data->block_size != C) {
+            throw std::runtime_error("aquakv: low-rank predictors cannot also be block-diagonal (aquakv.predictor.block_size)");
+        }
+    } else if (form != "dense") {
+        throw std::runtime_error("aquakv: unknown aquakv.predictor.form '" + form + "' (this build reads dense and lowrank)");
+    }
     if (data->grid_dim == 0 || C % data->grid_dim != 0 || !is_power_of_two(data->group_size) ||
         C % data->group_size != 0 || data->group_size % data->grid_dim != 0 ||
         !is_power_of_two(data->grid_size) || !is_power_of_two(data->grid0_size)) {
@@ -115,11 +133,21 @@ aquakv_model_data * aquakv_load_model_data(llama_model_base & model) {
     for (uint32_t il = 1; il < n_layer; ++il) {
         auto & L = data->layers[il];
         const int bid = (int) il;
-        L.k_pred_w   = model.create_tensor(tn(LLM_TENSOR_AQUAKV_K_PRED,   "weight", bid), {C, C}, 0);
         L.k_pred_b   = model.create_tensor(tn(LLM_TENSOR_AQUAKV_K_PRED,   "bias",   bid), {C},    0);
+        L.v_pred_b   = model.create_tensor(tn(LLM_TENSOR_AQUAKV_V_PRED,   "bias",   bid), {C},    0);
+        if (data->predictor == AQUAKV_PREDICTOR_LOWRANK) {
+            const int64_t rk = data->rank_k;
+            const int64_t rv = data->rank_v;
+            L.k_down   = model.create_tensor(tn(LLM_TENSOR_AQUAKV_K_PRED_DOWN,   "weight", bid), {C, rk}, 0);
+            L.k_up     = model.create_tensor(tn(LLM_TENSOR_AQUAKV_K_PRED_UP,     "weight", bid), {rk, C}, 0);
+            L.v_down_k = model.create_tensor(tn(LLM_TENSOR_AQUAKV_V_PRED_K_DOWN, "weight", bid), {C, rv}, 0);
+            L.v_down_v = model.create_tensor(tn(LLM_TENSOR_AQUAKV_V_PRED_V_DOWN, "weight", bid), {C, rv}, 0);
+            L.v_up     = model.create_tensor(tn(LLM_TENSOR_AQUAKV_V_PRED_UP,     "weight", bid), {rv, C}, 0);
+            continue;
+        }
+        L.k_pred_w   = model.create_tensor(tn(LLM_TENSOR_AQUAKV_K_PRED,   "weight", bid), {C, C}, 0);
         L.v_pred_k_w = model.create_tensor(tn(LLM_TENSOR_AQUAKV_V_PRED_K, "weight", bid), {C, C}, 0);
         L.v_pred_v_w = model.create_tensor(tn(LLM_TENSOR_AQUAKV_V_PRED_V, "weight", bid), {C, C}, 0);
-        L.v_pred_b   = model.create_tensor(tn(LLM_TENSOR_AQUAKV_V_PRED,   "bias",   bid), {C},    0);
     }
     LLAMA_LOG_INFO("%s: %s\n", __func__, data->describe().c_str());
     return data.release();

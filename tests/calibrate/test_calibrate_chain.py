@@ -197,3 +197,73 @@ def test_block_diagonal_predictors(tiny_hf_factory) -> None:
     assert check_predictor_block(32, 2, 64, False) == 32
     with pytest.raises(ValueError, match="divide"):
         check_predictor_block(48, 2, 64, False)
+
+
+def test_lowrank_predictors(tiny_hf_factory) -> None:
+    """Reduced-rank fits: factor shapes, f16 factors, the chain predicts with them in the format's order;
+    rank C matches dense, rank 8 is worse."""
+    from aquakv_gguf.calibrate.ridge import ErrorAccumulator
+    from aquakv_gguf.reference.semantics import predict_keys_lowrank, predict_values_lowrank
+
+    model, tok = load(tiny_hf_factory("llama", n_layers=3))
+    recipe = recipe_for_hf_config(model.config)
+    seqs = make_sequences(tok, TEXT * 3, n_tokens=2048, seq_len=128, heldout_fraction=0.25, seed=0)
+    fit = lambda **kw: calibrate(model, recipe, seqs.input_ids, seqs.heldout, bits=(2,), progress=False, **kw)
+    dense = fit().reports[2]
+    full = fit(predictor_form="lowrank", rank_k=128, rank_v=128).reports[2]
+    res = fit(predictor_form="lowrank", rank_k=8, rank_v=16)
+    params, low = res.params[2], res.reports[2]
+    assert (params.predictor_form, params.predictor_rank_k, params.predictor_rank_v) == ("lowrank", 8, 16)
+    assert params.predictor_block_size == 0 and params.predictors[0] is None
+    for pred in params.predictors[1:]:
+        f = pred.factors
+        assert f.k_down.shape == (8, 128) and f.k_up.shape == (128, 8)
+        assert f.v_down_k.shape == f.v_down_v.shape == (16, 128) and f.v_up.shape == (128, 16)
+        for name, arr in f.arrays().items():
+            # rounded to the stored f16 before the chain used them
+            np.testing.assert_array_equal(arr.astype(np.float16).astype(np.float32), arr, err_msg=name)
+        np.testing.assert_allclose(pred.k_weight, f.k_up.astype(np.float64) @ f.k_down, rtol=1e-5, atol=1e-6)
+
+    mean = lambda reps, key: float(np.mean([getattr(r, key) for r in reps[1:]]))
+    for key in ("k_pred", "v_pred", "k", "v"):
+        # rank C is the ridge fit itself (U orthogonal: U Uᵀ W = W), up to the f16 rounding of two factors
+        assert mean(full, key) == pytest.approx(mean(dense, key), rel=0.03), key
+        assert mean(low, key) > 1.2 * mean(dense, key), key
+
+    # Independent chain with the written factors, in the format's order: the same held-out errors as reported.
+    kv = full_forward_kv(model, recipe, seqs.input_ids)
+    pos = torch.arange(128).repeat(seqs.input_ids.shape[0])
+    held_tok = seqs.heldout.repeat_interleave(128)
+    train, held = (pos >= 4) & ~held_tok, (pos >= 4) & held_tok
+    q0, q = RowQuantizer(params.grid0, params.group_size), RowQuantizer(params.grid, params.group_size)
+    q0k, qk = (key_quantizer(x, 2, 64, recipe.llama_cpp_permutes_qk) for x in (q0, q))
+    k_prev, v_prev = q0k(kv[0][0]), q0(kv[0][1])
+
+    def rel(y: torch.Tensor, y_hat: torch.Tensor) -> float:
+        acc = ErrorAccumulator()
+        acc.add(y[held], y_hat[held])
+        return acc.rel
+
+    for layer in (1, 2):
+        k, v = kv[layer]
+        pred = params.predictors[layer]
+        t = {n: torch.from_numpy(a) for n, a in pred.arrays().items()}
+        # the bias centres the rounded factors' predictions on the training rows
+        want_b = k[train].double().mean(0) - t["k_up"].double() @ (t["k_down"].double() @ k_prev[train].double().mean(0))
+        np.testing.assert_allclose(pred.k_bias, want_b.numpy(), atol=2e-4, rtol=1e-3)
+        p = predict_keys_lowrank(k_prev, t["k_down"], t["k_up"], t["k_bias"])
+        assert rel(k, p) == pytest.approx(low[layer].k_pred, rel=1e-4)
+        k_hat = p + qk(k - p)
+        qv = predict_values_lowrank(k_hat, v_prev, t["v_down_k"], t["v_down_v"], t["v_up"], t["v_bias"])
+        assert rel(v, qv) == pytest.approx(low[layer].v_pred, rel=1e-4)
+        v_hat = qv + q(v - qv)
+        assert rel(k, k_hat) == pytest.approx(low[layer].k, rel=1e-3)
+        assert rel(v, v_hat) == pytest.approx(low[layer].v, rel=1e-3)
+        k_prev, v_prev = k_hat, v_hat
+
+    with pytest.raises(ValueError, match="cannot also be block-diagonal"):
+        fit(predictor_form="lowrank", rank_k=8, rank_v=8, predictor_block=64)
+    with pytest.raises(ValueError, match=r"rank_v 129 must be in \[1, C = 128\]"):
+        fit(predictor_form="lowrank", rank_k=8, rank_v=129)
+    with pytest.raises(ValueError, match="unknown predictor form"):
+        fit(predictor_form="sparse")

@@ -229,3 +229,65 @@ def test_block_diagonal_predictors_are_written_and_read_back(tiny_llama_gguf: Pa
     assert "must divide" in run_error([str(tiny_llama_gguf), "--out", str(bad), "--predictor-block", "48", *SMALL],
                                       capsys)
     assert not bad.exists()
+
+
+def test_lowrank_predictors_are_written_and_read_back(tiny_llama_gguf: Path, calib_file: Path, tmp_path: Path,
+                                                      capsys) -> None:
+    """``--predictor lowrank:16``: the factors (llama.cpp order) and ranks on disk, no dense weights."""
+    from aquakv_gguf.convert import parse_predictor
+
+    out, js = tmp_path / "lowrank.aqua.gguf", tmp_path / "summary.json"
+    assert main([str(tiny_llama_gguf), "--out", str(out), "--calib-text", str(calib_file), "--predictor", "lowrank:16",
+                 "--summary-json", str(js), *SMALL]) == 0
+    printed = capsys.readouterr().out
+    assert "low-rank predictors (keys rank 16, values rank 16)" in printed
+    want_mib = (2 * 16 * 128 * 2 + 3 * 16 * 128 * 2 + 2 * 128 * 4) / 2**20
+    summary = json.loads(js.read_text())
+    assert (summary["predictor_form"], summary["predictor_rank_k"], summary["predictor_rank_v"]) == ("lowrank", 16, 16)
+    assert summary["predictor_mib"] == pytest.approx(want_mib)
+    back = read_aqua_gguf(out)
+    assert (back.predictor_form, back.predictor_rank_k, back.predictor_rank_v) == ("lowrank", 16, 16)
+    raw = RawGGUF(out)
+    assert raw.get(names.KEY_PREDICTOR_FORM) == "lowrank" and raw.get(names.KEY_PREDICTOR_BLOCK) is None
+    assert raw.tensor("blk.1.aquakv_k_pred.weight") is None and raw.tensor("blk.1.aquakv_k_pred_down.weight") is not None
+    for pred in back.predictors[1:]:
+        assert pred.factors.k_down.shape == (16, 128) and pred.factors.v_up.shape == (128, 16)
+        assert np.abs(pred.factors.k_up).max() > 0
+    assert_original_part_identical(tiny_llama_gguf, out)
+
+    assert parse_predictor("dense") == ("dense", 0, 0)
+    assert parse_predictor("lowrank:8,32") == ("lowrank", 8, 32)
+    bad = tmp_path / "bad.gguf"
+    common = [str(tiny_llama_gguf), "--out", str(bad), *SMALL]
+    assert "cannot also be block-diagonal" in run_error([*common, "--predictor", "lowrank:16", "--predictor-block", "64"],
+                                                        capsys)
+    assert "rank_k 200 must be in [1, C = 128]" in run_error([*common, "--predictor", "lowrank:200,8"], capsys)
+    for text in ("lowrank", "lowrank:", "lowrank:4,5,6", "dense:4", "sparse:8"):
+        assert "--predictor expects dense, lowrank:R or lowrank:RK,RV" in run_error([*common, "--predictor", text],
+                                                                                    capsys), text
+    assert not bad.exists()
+
+
+def test_lowrank_file_equals_the_fitted_factors(tiny_llama_gguf: Path, tiny_llama_hf: Path, calib_file: Path,
+                                                tmp_path: Path) -> None:
+    """The written factors are the fitted ones permuted into llama.cpp order; the reference cache reads the file
+    exactly as it uses the fitted (Hugging Face order) parameters."""
+    from transformers import AutoModelForCausalLM
+
+    from aquakv_gguf.eval.reference_eval import stepwise_logits
+    from aquakv_gguf.reference import AquaKVCache
+
+    out = tmp_path / "lr.aqua.gguf"
+    summary = convert(tiny_llama_gguf, out, bits=2, calib_tokens=1024, calib_seq_len=128, calib_text=calib_file,
+                      predictor_form="lowrank", rank_k=8, rank_v=24, progress=False)
+    back = read_aqua_gguf(out)
+    permuted = summary.params_hf.with_channel_order("llama.cpp", permutes_qk=True)
+    for layer in range(1, back.n_layers):
+        for name, arr in back.predictors[layer].factors.arrays().items():
+            np.testing.assert_array_equal(arr.astype(np.float32), getattr(permuted.predictors[layer].factors, name))
+    assert summary.predictor_mib == pytest.approx((2 * 8 * 128 * 2 + 3 * 24 * 128 * 2 + 2 * 128 * 4) / 2**20)
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_hf), dtype=torch.float32).eval()
+    ids = torch.randint(0, 2000, (1, 200), generator=torch.Generator().manual_seed(0))
+    a = stepwise_logits(model, ids, AquaKVCache(model, mode="aqua", params=back), step=32)
+    b = stepwise_logits(model, ids, AquaKVCache(model, mode="aqua", params=summary.params_hf), step=32)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pytest
-from gguf import GGUFReader
+import torch
+from gguf import GGUFReader, GGUFValueType
 
 from aquakv_gguf.gguf_io import (
     AquaKVFormatError,
@@ -38,12 +40,15 @@ def random_params(seed: int = 0, n_layers: int = N_LAYERS, order: str = "llama.c
                                      "k_pred_relmse": [1.0, 0.25], "v_pred_relmse": [1.0, 0.5]})
 
 
+def written(src: Path, tmp_path_factory: pytest.TempPathFactory, params: AquaKVParams) -> tuple[Path, AquaKVParams]:
+    out = tmp_path_factory.mktemp("aqua") / "tiny.aqua.gguf"
+    write_aqua_gguf(src, out, params, progress=False)
+    return out, params
+
+
 @pytest.fixture(scope="module")
 def aqua_file(tiny_llama_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, AquaKVParams]:
-    params = random_params()
-    out = tmp_path_factory.mktemp("aqua") / "tiny.aqua.gguf"
-    write_aqua_gguf(tiny_llama_gguf, out, params, progress=False)
-    return out, params
+    return written(tiny_llama_gguf, tmp_path_factory, random_params())
 
 
 @pytest.fixture(scope="module")
@@ -226,3 +231,152 @@ def test_block_diagonal_predictors_round_trip_and_bad_blocks_are_refused(tiny_ll
         read_aqua_gguf(gguf_edit(out, tmp_path / "b32.gguf", set_fields={"aquakv.predictor.block_size": 32}))
     with pytest.raises(AquaKVFormatError, match="must divide C = 128"):
         read_aqua_gguf(gguf_edit(out, tmp_path / "b48.gguf", set_fields={"aquakv.predictor.block_size": 48}))
+
+
+# -- low-rank predictors (aquakv.predictor.form = "lowrank") ------------------------------------------------------
+
+RANK_K, RANK_V = 16, 8
+
+
+def lowrank_params(order: str = "llama.cpp", seed: int = 5) -> AquaKVParams:
+    from aquakv_gguf.testing import random_aquakv_params
+
+    params = random_aquakv_params(N_LAYERS, N_KV, HEAD_DIM, seed=seed, rank_k=RANK_K, rank_v=RANK_V)
+    return dataclasses.replace(params, channel_order=order)
+
+
+@pytest.fixture(scope="module")
+def lowrank_file(tiny_llama_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, AquaKVParams]:
+    return written(tiny_llama_gguf, tmp_path_factory, lowrank_params())
+
+
+def test_lowrank_round_trip(lowrank_file) -> None:
+    """Form, ranks, factors (f16, as given) and biases read back; no dense weights are stored."""
+    out, params = lowrank_file
+    raw = RawGGUF(out)
+    assert raw.get(names.KEY_PREDICTOR_FORM) == "lowrank"
+    assert raw.get(names.KEY_PREDICTOR_RANK_K) == RANK_K and raw.get(names.KEY_PREDICTOR_RANK_V) == RANK_V
+    assert raw.fields[names.KEY_PREDICTOR_RANK_K].vtype == GGUFValueType.UINT32
+    assert raw.get(names.KEY_PREDICTOR_BLOCK) is None
+    stored = {t.name for t in raw.tensors if names.is_aquakv_tensor(t.name)}
+    assert not any(n.endswith(("aquakv_k_pred.weight", "aquakv_v_pred_k.weight", "aquakv_v_pred_v.weight"))
+                   for n in stored)
+    assert len(stored) == 2 + 7 * (N_LAYERS - 1)
+    # GGUF ne = [in, out], numpy [out, in]
+    t = raw.tensor("blk.1.aquakv_k_pred_down.weight")
+    assert list(t.ne) == [C, RANK_K] and raw.tensor_array(t).dtype == np.float16
+    assert list(raw.tensor("blk.1.aquakv_v_pred_up.weight").ne) == [RANK_V, C]
+
+    back = read_aqua_gguf(out)
+    assert (back.predictor_form, back.predictor_rank_k, back.predictor_rank_v) == ("lowrank", RANK_K, RANK_V)
+    assert back.predictor_block_size == 0
+    got, want = back.predictors[1], params.predictors[1]
+    for name, arr in want.factors.arrays().items():
+        assert getattr(got.factors, name).dtype == np.float16
+        np.testing.assert_array_equal(getattr(got.factors, name), arr.astype(np.float16), err_msg=name)
+    np.testing.assert_array_equal(got.k_bias, want.k_bias)
+    np.testing.assert_array_equal(got.v_bias, want.v_bias)
+    # the dense fields are the products of the stored factors (random_aquakv_params' factors are f16-exact)
+    for name in names.WEIGHT_FIELDS:
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    assert back.predictor_bytes() == params.predictor_bytes() == \
+        (N_LAYERS - 1) * ((2 * RANK_K * C + 3 * RANK_V * C) * 2 + 2 * C * 4)
+
+
+def test_dense_files_declare_their_form_and_old_files_read_as_dense(aqua_file, tiny_llama_gguf: Path,
+                                                                    tmp_path: Path) -> None:
+    from aquakv_gguf.gguf_io import aquakv_metadata, aquakv_tensors
+    from aquakv_gguf.gguf_io.rawgguf import rewrite
+
+    out, params = aqua_file
+    assert RawGGUF(out).get(names.KEY_PREDICTOR_FORM) == "dense"
+    assert RawGGUF(out).get(names.KEY_PREDICTOR_RANK_K) is None
+    # a file from before the form key existed: the same data without it
+    old = rewrite(RawGGUF(tiny_llama_gguf), tmp_path / "old.gguf", add_tensors=aquakv_tensors(params),
+                  add_fields=[r for r in aquakv_metadata(params) if r[0] != names.KEY_PREDICTOR_FORM])
+    assert RawGGUF(old).get(names.KEY_PREDICTOR_FORM) is None
+    a, b = read_aqua_gguf(old), read_aqua_gguf(out)
+    assert (a.predictor_form, a.predictor_rank_k, a.predictor_rank_v) == ("dense", 0, 0)
+    for name, arr in a.predictors[1].arrays().items():
+        np.testing.assert_array_equal(arr, getattr(b.predictors[1], name))
+    assert a.predictors[1].factors is None
+
+
+def test_lowrank_channel_order_permutation_both_ways() -> None:
+    """U_k' = P U_k, D_k' = D_k Pᵀ, D_vk' = D_vk Pᵀ: the permuted predictors commute with P, and back is exact."""
+    from aquakv_gguf.reference.semantics import predict_keys_lowrank, predict_values_lowrank
+
+    params = lowrank_params(order="hf")
+    perm = llama_cpp_key_permutation(N_KV, HEAD_DIM)
+    lp = params.with_channel_order("llama.cpp", permutes_qk=True)
+    a, b = params.predictors[1], lp.predictors[1]
+    fa, fb = a.factors, b.factors
+    np.testing.assert_array_equal(fb.k_up, fa.k_up[perm])
+    np.testing.assert_array_equal(fb.k_down, fa.k_down[:, perm])
+    np.testing.assert_array_equal(fb.v_down_k, fa.v_down_k[:, perm])
+    np.testing.assert_array_equal(fb.v_down_v, fa.v_down_v)
+    np.testing.assert_array_equal(fb.v_up, fa.v_up)
+    rng = np.random.default_rng(2)
+    k, v = (torch.from_numpy(rng.standard_normal(C)) for _ in range(2))
+    t = lambda x: torch.from_numpy(np.asarray(x, dtype=np.float64))
+    p_hf = predict_keys_lowrank(k, t(fa.k_down), t(fa.k_up), t(a.k_bias))
+    p_ll = predict_keys_lowrank(k[perm], t(fb.k_down), t(fb.k_up), t(b.k_bias))
+    torch.testing.assert_close(p_ll, p_hf[perm])
+    q_hf = predict_values_lowrank(k, v, t(fa.v_down_k), t(fa.v_down_v), t(fa.v_up), t(a.v_bias))
+    q_ll = predict_values_lowrank(k[perm], v, t(fb.v_down_k), t(fb.v_down_v), t(fb.v_up), t(b.v_bias))
+    torch.testing.assert_close(q_ll, q_hf)
+    # the dense products are permuted like dense weights
+    np.testing.assert_array_equal(b.k_weight, a.k_weight[np.ix_(perm, perm)])
+    back = lp.with_channel_order("hf", permutes_qk=True)
+    for name, arr in back.predictors[1].arrays().items():
+        np.testing.assert_array_equal(arr, a.arrays()[name], err_msg=name)
+    assert (back.predictor_form, back.predictor_rank_k, back.predictor_rank_v) == ("lowrank", RANK_K, RANK_V)
+
+
+def test_writer_refuses_bad_lowrank_params(tiny_llama_gguf: Path, tmp_path: Path) -> None:
+    def refuse(params: AquaKVParams, match: str) -> None:
+        with pytest.raises(ValueError, match=match):
+            write_aqua_gguf(tiny_llama_gguf, tmp_path / "bad.gguf", params, progress=False)
+        assert not (tmp_path / "bad.gguf").exists()
+
+    good = lowrank_params()
+    refuse(dataclasses.replace(good, predictor_block_size=HEAD_DIM), "cannot also be block-diagonal")
+    refuse(dataclasses.replace(good, predictor_rank_k=C + 1), r"rank_k 129 must be in \[1, C = 128\]")
+    refuse(dataclasses.replace(good, predictor_rank_v=0), r"rank_v 0 must be in \[1, C = 128\]")
+    refuse(dataclasses.replace(good, predictor_form="sparse"), "unknown predictor form 'sparse'")
+    refuse(dataclasses.replace(good, predictor_rank_k=8), r"layer 1 k_down: shape \(16, 128\), expected \(8, 128\)")
+    no_factors = dataclasses.replace(good, predictors=[None, dataclasses.replace(good.predictors[1], factors=None)])
+    refuse(no_factors, "layer 1: predictor_form is 'lowrank' but the layer has no low-rank factors")
+    dense_with_factors = dataclasses.replace(good, predictor_form="dense", predictor_rank_k=0, predictor_rank_v=0)
+    refuse(dense_with_factors, "layer 1: predictor_form is 'dense' but the layer carries low-rank factors")
+    refuse(dataclasses.replace(random_params(), predictor_rank_k=4), "dense predictors have no ranks")
+
+
+def test_reader_refuses_bad_lowrank_files(lowrank_file, aqua_file, tmp_path: Path, gguf_edit) -> None:
+    from aquakv_gguf.gguf_io.rawgguf import rewrite
+
+    out, _ = lowrank_file
+
+    def refuse(path: Path, match: str) -> None:
+        with pytest.raises(AquaKVFormatError, match=match):
+            read_aqua_gguf(path)
+
+    refuse(gguf_edit(out, tmp_path / "form.gguf", set_fields={names.KEY_PREDICTOR_FORM: "sparse"}),
+           "unknown aquakv.predictor.form 'sparse'")
+    refuse(gguf_edit(out, tmp_path / "rank.gguf", set_fields={names.KEY_PREDICTOR_RANK_K: C + 1}),
+           r"rank_k 129 must be in \[1, C = 128\]")
+    refuse(gguf_edit(out, tmp_path / "shape.gguf", set_fields={names.KEY_PREDICTOR_RANK_V: 4}),
+           r"tensor blk.1.aquakv_v_pred_k_down.weight has shape \[8, 128\] .*expected \[4, 128\]")
+    refuse(gguf_edit(out, tmp_path / "drop.gguf", drop_tensors=("blk.1.aquakv_k_pred_up.weight",)),
+           "missing tensor blk.1.aquakv_k_pred_up.weight")
+    u32 = GGUFValueType.UINT32
+    refuse(rewrite(RawGGUF(out), tmp_path / "block.gguf", add_fields=[(names.KEY_PREDICTOR_BLOCK, HEAD_DIM, u32, None)]),
+           "block_size and aquakv.predictor.form 'lowrank' cannot be combined")
+    dense_w = {"blk.1.aquakv_k_pred.weight": np.zeros((C, C), np.float16)}
+    refuse(rewrite(RawGGUF(out), tmp_path / "extra.gguf", add_tensors=dense_w),
+           "unexpected AQUA-KV tensors .*blk.1.aquakv_k_pred.weight.*predictor form lowrank")
+    dense, _ = aqua_file
+    refuse(rewrite(RawGGUF(dense), tmp_path / "ranked.gguf", add_fields=[(names.KEY_PREDICTOR_RANK_K, 8, u32, None)]),
+           "aquakv.predictor.rank_k is set but aquakv.predictor.form is 'dense'")
+    refuse(gguf_edit(dense, tmp_path / "dense_as_lr.gguf", set_fields={names.KEY_PREDICTOR_FORM: "lowrank"}),
+           "missing metadata key aquakv.predictor.rank_k")

@@ -111,7 +111,6 @@ def test_predictors_must_be_in_llama_cpp_channel_order(tiny3, hf_model, texts, t
 def test_block_diagonal_predictors_match_the_reference_and_their_dense_form(tiny3, hf_model, texts, tmp_path):
     """aquakv.predictor.block_size makes the cache multiply by the diagonal blocks alone; the
     result must be the reference's (which multiplies the dense matrix with its zeros)."""
-    from aquakv_gguf.runtime import log_tail
     from aquakv_gguf.testing import random_aquakv_params
 
     _, plain, _ = tiny3
@@ -121,19 +120,61 @@ def test_block_diagonal_predictors_match_the_reference_and_their_dense_form(tiny
                             dataclasses.replace(params, predictor_block_size=0), progress=False)
     assert read_aqua_gguf(block).predictor_block_size == 64
 
-    ids = torch.tensor([texts[0]])
-    ref = stepwise_logits(hf_model, ids, make_cache(hf_model, ModeSpec("aqua", "aqua", params=params)), STEP)[0].numpy()
-    with Model(block, n_gpu_layers=NGL) as model:
-        assert "64x64 block-diagonal predictors" in log_tail()
-        with model.context(n_ctx=WINDOW) as ctx:
-            got_block = window_logits(ctx, texts[0], STEP)
+    ref = reference_logits(hf_model, params, texts[0])
+    got_block = logits_checking_log(block, texts[0], NGL, "64x64 block-diagonal predictors")
     got_dense = native_logits(dense, texts[:1])[0]
     f16 = native_logits(block, texts[:1], aquakv=False)[0]
-    d_ref, d_dense, d_f16 = mean_kld(ref, got_block), mean_kld(got_dense, got_block), mean_kld(f16, got_block)
-    print(f"block-diagonal: KLD vs reference {d_ref:.2e}, vs dense form {d_dense:.2e}, vs f16 {d_f16:.2e}")
+    assert_matches_reference_and_dense("block-diagonal", got_block, ref, got_dense, f16)
+
+
+def reference_logits(hf_model, params, window):
+    ids = torch.tensor([window])
+    return stepwise_logits(hf_model, ids, make_cache(hf_model, ModeSpec("aqua", "aqua", params=params)), STEP)[0].numpy()
+
+
+def logits_checking_log(path, window, ngl, expected_log_line):
+    """Native logits of one window; the model's startup log must name its predictor form."""
+    from aquakv_gguf.runtime import log_tail
+
+    with Model(path, n_gpu_layers=ngl) as model:
+        assert expected_log_line in log_tail()
+        with model.context(n_ctx=WINDOW) as ctx:
+            return window_logits(ctx, window, STEP)
+
+
+def assert_matches_reference_and_dense(label, got, ref, got_dense, f16):
+    """A structured form's logits against the reference's, the dense file's and the f16 cache's: the
+    bounds allow near-tie code flips between two float orders of the same products."""
+    d_ref, d_dense, d_f16 = mean_kld(ref, got), mean_kld(got_dense, got), mean_kld(f16, got)
+    print(f"{label}: KLD vs reference {d_ref:.2e}, vs dense form {d_dense:.2e}, vs f16 {d_f16:.2e}")
     assert d_f16 > 1e-4, "the quantization must be visible for this test to mean anything"
     assert d_ref < 0.05 * d_f16
     assert d_dense < 0.05 * d_f16
+
+
+@pytest.mark.parametrize("ngl", sorted({0, NGL}))
+def test_lowrank_predictors_match_the_reference_and_their_dense_form(tiny3, hf_model, texts, tmp_path, ngl):
+    """aquakv.predictor.form = lowrank: the cache multiplies by D (a ggml product) and by U (inside
+    the reconstruct op on the CPU, a product on a GPU); the result must be the reference's, which
+    computes U·(D·x) in torch, and the dense file with W = U·D must agree with it."""
+    from aquakv_gguf.testing import random_aquakv_params
+
+    _, plain, _ = tiny3
+    params = random_aquakv_params(3, 2, 64, seed=4, rank_k=16, rank_v=24, scale=0.07)
+    lowrank = write_aqua_gguf(plain, tmp_path / "lowrank.aqua.gguf", params, progress=False)
+    back = read_aqua_gguf(lowrank)
+    assert back.predictor_form == "lowrank" and (back.predictor_rank_k, back.predictor_rank_v) == (16, 24)
+    dense_params = dataclasses.replace(
+        params, predictor_form="dense", predictor_rank_k=0, predictor_rank_v=0,
+        predictors=[None] + [dataclasses.replace(p, factors=None) for p in params.predictors[1:]])
+    dense = write_aqua_gguf(plain, tmp_path / "lowrank-as-dense.aqua.gguf", dense_params, progress=False)
+
+    ref = reference_logits(hf_model, params, texts[0])
+    got = logits_checking_log(lowrank, texts[0], ngl, "low-rank (keys 16, values 24) predictors")
+    with Model(dense, n_gpu_layers=ngl) as model, model.context(n_ctx=WINDOW) as ctx:
+        got_dense = window_logits(ctx, texts[0], STEP)
+    f16 = native_logits(lowrank, texts[:1], aquakv=False)[0]
+    assert_matches_reference_and_dense(f"low-rank (ngl {ngl})", got, ref, got_dense, f16)
 
 
 def test_cache_reports_its_sizes_and_plain_models_have_none(tiny3):

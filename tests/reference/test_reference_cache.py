@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,12 @@ from aquakv_gguf.calibrate import RowQuantizer, calibrate, key_value_modules, ma
 from aquakv_gguf.calibrate.quantizer import key_quantizer
 from aquakv_gguf.eval.reference_eval import forward_with_cache, stepwise_logits
 from aquakv_gguf.reference import AquaKVCache, bits_per_value, quantized_end
-from aquakv_gguf.reference.semantics import predict_keys, predict_values
+from aquakv_gguf.reference.semantics import (
+    predict_keys,
+    predict_keys_lowrank,
+    predict_values,
+    predict_values_lowrank,
+)
 
 TEXT = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
         "must be in want of a wife. However little known the feelings or views of such a man may be. ") * 40
@@ -90,9 +96,12 @@ def test_layer0_reconstruction_does_not_depend_on_step_size(calibrated) -> None:
             assert same_rows.float().mean().item() > 0.99
 
 
-def test_reconstruction_follows_the_chain(calibrated) -> None:
-    """k̂_l = p + Q(k_l − p) with p from the *previous layer's reconstruction*, as in calibration."""
-    model, params = calibrated
+def assert_cache_follows_chain(model, params, seed: int, predict_k, predict_v) -> None:
+    """Run 140 tokens through an AQUA-KV cache and recompute its quantized chunk (positions 4..131) by hand.
+
+    predict_k(t, k_hat_prev) -> p and predict_v(t, k_hat, v_hat_prev) -> q, with ``t`` the layer's
+    arrays as tensors (``LayerPredictor.arrays()``): k̂_l = p + Q(k_l − p), v̂_l = q + Q(v_l − q).
+    """
     recipe = recipe_for_hf_config(model.config)
     raw: dict[int, dict[str, torch.Tensor]] = {}
     handles = []
@@ -103,7 +112,7 @@ def test_reconstruction_follows_the_chain(calibrated) -> None:
     cache = AquaKVCache(model, mode="aqua", params=params)
     try:
         with torch.no_grad():
-            forward_with_cache(model, ids_of(140, seed=2), cache)
+            forward_with_cache(model, ids_of(140, seed=seed), cache)
     finally:
         for h in handles:
             h.remove()
@@ -116,13 +125,21 @@ def test_reconstruction_follows_the_chain(calibrated) -> None:
     torch.testing.assert_close(cache.layers[0].k_hat[:, rows], k_prev)
     for layer in (1, 2):
         t = {n: torch.from_numpy(a) for n, a in params.predictors[layer].arrays().items()}
-        p = predict_keys(k_prev, t["k_weight"], t["k_bias"])
+        p = predict_k(t, k_prev)
         k_hat = p + qk(raw[layer]["k"][:, rows] - p)
-        qv = predict_values(k_hat, v_prev, t["v_weight_k"], t["v_weight_v"], t["v_bias"])
+        qv = predict_v(t, k_hat, v_prev)
         v_hat = qv + q(raw[layer]["v"][:, rows] - qv)
         torch.testing.assert_close(cache.layers[layer].k_hat[:, rows], k_hat, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(cache.layers[layer].v_hat[:, rows], v_hat, rtol=1e-4, atol=1e-4)
         k_prev, v_prev = k_hat, v_hat
+
+
+def test_reconstruction_follows_the_chain(calibrated) -> None:
+    """k̂_l = p + Q(k_l − p) with p from the *previous layer's reconstruction*, as in calibration."""
+    model, params = calibrated
+    assert_cache_follows_chain(
+        model, params, 2, lambda t, k_prev: predict_keys(k_prev, t["k_weight"], t["k_bias"]),
+        lambda t, k_hat, v_prev: predict_values(k_hat, v_prev, t["v_weight_k"], t["v_weight_v"], t["v_bias"]))
 
 
 def test_params_in_llama_cpp_order_give_the_same_cache(calibrated) -> None:
@@ -161,3 +178,38 @@ def test_rows_with_different_modes_match_separate_caches(calibrated) -> None:
     for i, row in enumerate(rows):
         alone = stepwise_logits(model, ids, AquaKVCache(model, **row), step=32)
         torch.testing.assert_close(batched[i:i + 1], alone, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def calibrated_lowrank(tiny_hf_factory):
+    """The tiny Llama of ``calibrated`` with low-rank (keys 16, values 24) 2-bit params (Hugging Face order)."""
+    model, tok = load(tiny_hf_factory("llama", n_layers=3))
+    recipe = recipe_for_hf_config(model.config)
+    seqs = make_sequences(tok, TEXT, n_tokens=2048, seq_len=256, heldout_fraction=0.25, seed=0)
+    res = calibrate(model, recipe, seqs.input_ids, seqs.heldout, bits=(2,), predictor_form="lowrank", rank_k=16,
+                    rank_v=24, progress=False)
+    return model, res.params[2]
+
+
+def test_lowrank_cache_matches_dense_cache_with_the_products(calibrated_lowrank) -> None:
+    """Factors in the format's order vs dense weights W = U·D: the same maths, so near-identical logits."""
+    model, params = calibrated_lowrank
+    dense = dataclasses.replace(params, predictor_form="dense", predictor_rank_k=0, predictor_rank_v=0,
+                                predictors=[None if p is None else dataclasses.replace(p, factors=None)
+                                            for p in params.predictors])
+    ids = ids_of(300, seed=6)
+    a = stepwise_logits(model, ids, AquaKVCache(model, mode="aqua", params=params), step=32)
+    b = stepwise_logits(model, ids, AquaKVCache(model, mode="aqua", params=dense), step=32)
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+    lp = params.with_channel_order("llama.cpp", permutes_qk=True)
+    c = stepwise_logits(model, ids, AquaKVCache(model, mode="aqua", params=lp), step=32)
+    torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+
+
+def test_lowrank_reconstruction_uses_the_factors_in_order(calibrated_lowrank) -> None:
+    """k̂_l = p + Q(k_l − p) with p = U_k (D_k k̂_{l-1}) + a (and the value analogue), chained."""
+    model, params = calibrated_lowrank
+    assert_cache_follows_chain(
+        model, params, 7, lambda t, k_prev: predict_keys_lowrank(k_prev, t["k_down"], t["k_up"], t["k_bias"]),
+        lambda t, k_hat, v_prev: predict_values_lowrank(k_hat, v_prev, t["v_down_k"], t["v_down_v"], t["v_up"],
+                                                        t["v_bias"]))
