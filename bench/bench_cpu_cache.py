@@ -21,7 +21,6 @@ import datetime as dt
 import json
 import logging
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -208,8 +207,6 @@ def main(argv: list[str] | None = None) -> int:
         f"Speed: llama-bench -p 512 -n {args.gen_tokens} -d 0,2048 -t {args.threads} -r {args.reps}.\n\n"
         "Against the targets of the fast-decode issue (mean KLD ≤ 1/3 of q4_0's, PPL ≤ +1%, ≤ 2.6 bits/value, "
         "tg32 at depth 2048 ≥ 0.4× f16, pp512 at depth 2048 ≥ 0.9× f16):\n\n" + "\n".join(checks) + "\n\n"
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {dt.date.today().isoformat()}. "
-        f"Command: `python bench/bench_cpu_cache.py {' '.join(repr(a) for a in args.aqua)}`. "
         f"Benchmark time {time.perf_counter() - t0:.0f} s"
         f"{' (speed only; perplexity from the earlier run of the same day)' if args.reuse_perplexity else ''}; "
         f"raw outputs in `bench/results/{out_dir.name}/`. The AQUA-KV files are the converter's default "

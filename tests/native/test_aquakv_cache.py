@@ -99,8 +99,7 @@ def test_predictors_must_be_in_llama_cpp_channel_order(tiny3, hf_model, texts, t
     wrong = dataclasses.replace(params.with_channel_order("hf", permutes_qk=True), channel_order="llama.cpp")
     wrong_path = write_aqua_gguf(plain, tmp_path / "wrong-order.aqua.gguf", wrong, progress=False)
 
-    ids = torch.tensor([texts[0]])
-    ref = stepwise_logits(hf_model, ids, make_cache(hf_model, ModeSpec("aqua", "aqua", params=params)), STEP)[0].numpy()
+    ref = reference_logits(hf_model, params, texts[0])
     good = native_logits(aqua, texts[:1])[0]
     bad = native_logits(wrong_path, texts[:1])[0]
     d_good, d_bad = mean_kld(ref, good), mean_kld(ref, bad)
