@@ -48,17 +48,31 @@ def test_perplexity_matches_transformers(smollm2_path, eval_tokens):
     assert abs(rel) < 0.02
 
 
-def test_stepped_feeding_matches_one_pass(smollm2_path, eval_tokens):
-    """32-token steps read the cache; the result equals one pass up to rounding.
+# Stepped vs one-pass perplexity, |ratio - 1|. Measured on an AVX-512 Zen 4 CPU (SmolLM2,
+# 2 x 256-token windows): without flash attention 0.000% (the f16 cache is read back in both
+# feedings, the KQ/KQV products only change summation order); with flash attention and
+# 64-token steps 0.000% (the same tiled f32 kernel runs as for one pass); with flash
+# attention and 32-token steps 0.359%, because the CPU kernel switches below 64 query rows
+# to the one-chunk kernel that converts Q to f16 and accumulates V·softmax in f16. On CUDA
+# the mat-vec kernels also change with the batch size (quantized activations for small
+# batches): 0.4% on an H200.
+STEPPED_BOUND = {  # (flash_attn, step) -> bound
+    ("off", 32): 2e-3 if NGL == 0 else 6e-3,
+    ("on", 64): 2e-3 if NGL == 0 else 6e-3,
+    ("on", 32): 6e-3,
+}
 
-    On the CPU only the f16 cache rounding differs (< 0.2%); on CUDA the kernels also
-    change with the batch size (quantized-activation mat-vec for small batches), measured
-    0.4% on an H200.
-    """
-    with Model(smollm2_path, n_gpu_layers=NGL) as model, model.context(n_ctx=WINDOW, n_batch=WINDOW) as ctx:
+
+@pytest.mark.parametrize("flash_attn,step", sorted(STEPPED_BOUND))
+def test_stepped_feeding_matches_one_pass(smollm2_path, eval_tokens, flash_attn, step):
+    """Short steps read the cache; the result equals one pass up to the rounding above."""
+    with Model(smollm2_path, n_gpu_layers=NGL) as model, \
+            model.context(n_ctx=WINDOW, n_batch=WINDOW, flash_attn=flash_attn) as ctx:
         one = perplexity(ctx, eval_tokens, window=256, n_windows=2, progress=False)
-        stepped = perplexity(ctx, eval_tokens, window=256, n_windows=2, step=32, progress=False)
-    assert abs(stepped.perplexity / one.perplexity - 1) < (2e-3 if NGL == 0 else 6e-3)
+        stepped = perplexity(ctx, eval_tokens, window=256, n_windows=2, step=step, progress=False)
+    rel = abs(stepped.perplexity / one.perplexity - 1)
+    print(f"flash_attn={flash_attn} step={step}: {100 * rel:.3f}%")
+    assert rel < STEPPED_BOUND[(flash_attn, step)]
 
 
 def test_windows_too_short():
