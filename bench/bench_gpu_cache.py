@@ -16,7 +16,8 @@ KV heads, tiny everything else), for entries a device run had no time to measure
 
 Caches: f16, q8_0, q4_0 (the .aqua2 file with AQUAKV_ENABLED=0), aqua2 and aqua3 (dense
 predictors, products in the default precision: f16 on the GPU), and the variants of docs/PERF.md:
-aqua2-f32 (AQUAKV_PREDICT_PREC=f32) and aqua2-blk (per-head block-diagonal predictors).
+aqua2-f32 (AQUAKV_PREDICT_PREC=f32), aqua2-blk (per-head block-diagonal predictors) and aqua2-lr
+(low-rank predictors, ranks 32 for keys and 64 for values).
 """
 
 from __future__ import annotations
@@ -34,8 +35,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-CACHES = ["f16", "aqua2", "q8_0", "q4_0", "aqua3", "aqua2-blk", "aqua2-f32"]
+CACHES = ["f16", "aqua2", "aqua2-lr", "q8_0", "q4_0", "aqua3", "aqua2-blk", "aqua2-f32"]
 BYTES_PER_VALUE = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+# the AQUA-KV files of each shape: synth_gguf.synthetic_aquakv_params arguments ("head": block = head_dim)
+VARIANTS: dict[str, dict] = {
+    "aqua2": {"n_points": 16},
+    "aqua3": {"n_points": 64},
+    "aqua2-blk": {"n_points": 16, "block_size": "head"},
+    "aqua2-lr": {"n_points": 16, "rank_k": 32, "rank_v": 64},
+}
+
+
+def variant_params(variant: str, shape):
+    """Random predictors of ``variant`` for ``shape`` (a synth_gguf.LlamaShape), seed 1."""
+    from aquakv_gguf.testing.synth_gguf import synthetic_aquakv_params
+
+    kw = dict(VARIANTS[variant])
+    if kw.get("block_size") == "head":
+        kw["block_size"] = shape.head_dim
+    return synthetic_aquakv_params(shape, seed=1, **kw)
 
 
 def _gpu_used_mib() -> int | None:
@@ -71,27 +89,26 @@ class PeakGpuMemory:
         self._thread.join()
 
 
-def write_models(shape_key: str, weights: str, work: Path) -> dict[str, Path]:
-    """{variant: path} for the synthetic model of ``shape_key`` (aqua2, aqua3, aqua2-blk files)."""
-    import numpy as np
+def write_models(shape_key: str, weights: str, work: Path, variants: list[str] | None = None) -> dict[str, Path]:
+    """{variant: path} for the synthetic model of ``shape_key`` (the VARIANTS files, or those of ``variants``).
 
-    from aquakv_gguf.testing.aqua_params import random_aquakv_params
+    Predictor scales: synth_gguf.synthetic_aquakv_params (bounded layer chain for every form).
+    """
     from aquakv_gguf.testing.synth_gguf import SHAPES, write_synthetic_llama
 
     shape = SHAPES[shape_key]
-    c = shape.n_kv_channels
-    # entries of N(0, (0.3/sqrt(C))^2): spectral norm ~0.6, so the chain over layers stays bounded
-    scale = 0.3 / float(np.sqrt(c))
     files = {}
-    for variant, points, block in (("aqua2", 16, 0), ("aqua3", 64, 0), ("aqua2-blk", 16, shape.head_dim)):
+    for variant in variants or VARIANTS:
         path = work / f"{shape_key}-{weights}.{variant}.gguf"
         if not path.exists():
-            params = random_aquakv_params(shape.n_layer, shape.n_head_kv, shape.head_dim, seed=1, n_points=points,
-                                          scale=scale if block == 0 else scale * float(np.sqrt(c / block)),
-                                          block_size=block)
-            write_synthetic_llama(path, shape, weights=weights, aquakv=params, seed=0)
+            write_synthetic_llama(path, shape, weights=weights, aquakv=variant_params(variant, shape), seed=0)
         files[variant] = path
     return files
+
+
+def variants_needed(caches: list[str]) -> list[str]:
+    """The files a run of ``caches`` needs: the ordinary caches and aqua2-f32 run on the aqua2 file."""
+    return list(dict.fromkeys(c if c in VARIANTS else "aqua2" for c in caches))
 
 
 def cache_setup(cache: str, files: dict[str, Path]) -> tuple[Path, list[str], dict[str, str]]:
@@ -141,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     summary_path = out / "summary.json"
     for shape_key in args.shapes:
         t0 = time.perf_counter()
-        files = write_models(shape_key, args.weights, work)
+        files = write_models(shape_key, args.weights, work, variants_needed(args.caches))
         print(f"[bench] {shape_key}: models written in {time.perf_counter() - t0:.1f} s", flush=True)
         res: dict = {"caches": {}}
         summary["shapes"][shape_key] = res
@@ -204,10 +221,7 @@ def kv_twin(args: argparse.Namespace) -> int:
     machine; the result is a summary the report merges (it fills KV MiB where a device run had no
     time left to measure it).
     """
-    import numpy as np
-
     from aquakv_gguf.runtime import Model
-    from aquakv_gguf.testing.aqua_params import random_aquakv_params
     from aquakv_gguf.testing.synth_gguf import SHAPES, LlamaShape, write_synthetic_llama
 
     work = Path(args.work)
@@ -219,11 +233,9 @@ def kv_twin(args: argparse.Namespace) -> int:
         twin = LlamaShape(f"{real.name}-kv-twin", real.n_layer, real.n_kv_channels, real.n_head_kv, real.n_head_kv,
                           real.head_dim, 256, 512, tied_embeddings=True)
         caches = out["shapes"].setdefault(shape_key, {"caches": {}})["caches"]
-        for variant, points, block in (("aqua2", 16, 0), ("aqua3", 64, 0), ("aqua2-blk", 16, real.head_dim)):
-            params = random_aquakv_params(twin.n_layer, twin.n_head_kv, twin.head_dim, seed=1, n_points=points,
-                                          scale=0.3 / float(np.sqrt(twin.n_kv_channels)), block_size=block)
-            path = write_synthetic_llama(work / f"{shape_key}-kv-twin.{variant}.gguf", twin, aquakv=params,
-                                         progress=False)
+        for variant in VARIANTS:
+            path = write_synthetic_llama(work / f"{shape_key}-kv-twin.{variant}.gguf", twin,
+                                         aquakv=variant_params(variant, twin), progress=False)
             with Model(path, n_gpu_layers=0) as model, model.context(n_ctx=32768, n_batch=512, n_ubatch=512) as ctx:
                 info = ctx.cache_info()
             assert info is not None

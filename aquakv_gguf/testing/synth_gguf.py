@@ -5,7 +5,8 @@ model needs no checkpoint, no hub and no transformers detour.  Quantized weights
 Q4_0 / Q8_0 blocks (random codes from a repeated random pool, one scale chosen for a weight std of about 0.02), norms are
 ones, and the vocabulary is a synthetic SentencePiece-style list (control, byte and filler
 tokens) that llama.cpp loads like a real one.  Optional AQUA-KV predictors of the right shapes
-(random, small enough that the layer chain stays bounded) make a model.aqua.gguf.
+(random, small enough that the layer chain stays bounded) make a model.aqua.gguf: dense,
+per-head block-diagonal or low-rank (``synthetic_aquakv_params``).
 
 The outputs are meaningless text; only the shapes, types and therefore the costs are real.
 """
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from aquakv_gguf.gguf_io import AquaKVParams
 from aquakv_gguf.gguf_io.writer import check_params, aquakv_metadata, aquakv_tensors
+from aquakv_gguf.testing.aqua_params import random_aquakv_params
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,25 @@ SHAPES: dict[str, LlamaShape] = {
     # small enough for a CPU test
     "tiny": LlamaShape("tiny-shape", 2, 256, 4, 2, 64, 512, 1024, tied_embeddings=False, n_ctx_train=4096),
 }
+
+
+def synthetic_aquakv_params(shape: LlamaShape, *, n_points: int = 16, block_size: int = 0, rank_k: int = 0,
+                            rank_v: int = 0, seed: int = 1) -> AquaKVParams:
+    """Random AQUA-KV predictors for ``shape`` (aqua_params.random_aquakv_params) at a bounded scale.
+
+    Dense weights get entries of N(0, (0.3/sqrt(C))^2): spectral norm ~0.6, so the chain over layers
+    stays bounded.  Block-diagonal ones (``block_size`` N) keep only C/N of each row's entries, so
+    their entries are sqrt(C/N) larger for the same norm.  Low-rank ones (``rank_k`` R_k,
+    ``rank_v`` R_v) get down-factors D at the dense scale and up-factors U of about unit columns
+    (N(0, 1/C)): ‖U·D‖ <= ‖U‖·‖D‖ ~ 0.3·(1 + sqrt(R/C))^2, below the dense ~0.6 for R <= C/6
+    (8B shape, C = 1024: keys at rank 32 0.37, values at rank 64 0.55 over both inputs).
+    """
+    c = shape.n_kv_channels
+    scale = 0.3 / float(np.sqrt(c))
+    if block_size:
+        scale *= float(np.sqrt(c / block_size))
+    return random_aquakv_params(shape.n_layer, shape.n_head_kv, shape.head_dim, seed=seed, n_points=n_points,
+                                scale=scale, block_size=block_size, rank_k=rank_k, rank_v=rank_v)
 
 
 _POOL_BYTES = 1 << 24
@@ -98,8 +119,9 @@ def write_synthetic_llama(path: str | os.PathLike[str], shape: LlamaShape, *, we
                           aquakv: AquaKVParams | None = None, seed: int = 0, progress: bool = True) -> Path:
     """Write a llama-architecture GGUF of ``shape`` with random ``weights`` (q4_0 or q8_0) blocks.
 
-    ``aquakv`` (llama.cpp channel order, dims matching ``shape``) adds the AQUA-KV tensors and
-    metadata, exactly as the converter writes them.  Written to a temporary file, then renamed.
+    ``aquakv`` (llama.cpp channel order, dims matching ``shape``; any predictor form: dense,
+    block-diagonal, low-rank) adds the AQUA-KV tensors and metadata, exactly as the converter
+    writes them (aquakv_gguf.gguf_io.writer).  Written to a temporary file, then renamed.
     """
     if weights not in _BLOCK:
         raise ValueError(f"weights must be one of {sorted(_BLOCK)}, got {weights!r}")

@@ -25,7 +25,15 @@ enum aquakv_op_param {
     AQUAKV_P_GRID_DIM   = 2, // d
     AQUAKV_P_GRID_SIZE  = 3, // n points (power of two)
     AQUAKV_P_BITS       = 4, // log2(n)
-    AQUAKV_P_COUNT      = 5,
+    AQUAKV_P_KIND       = 5, // GGML_OP_AQUAKV_DECODE only: enum aquakv_read_kind
+    AQUAKV_P_COUNT      = 6,
+};
+
+// The read-path ops share GGML_OP_AQUAKV_DECODE (so the upstream hooks stay two op entries);
+// op_params[AQUAKV_P_KIND] says which one a node is. Zero is the decode / reconstruct op.
+enum aquakv_read_kind {
+    AQUAKV_READ_RECONSTRUCT = 0,
+    AQUAKV_READ_ROPE_F16    = 1,
 };
 
 struct aquakv_row_layout {
@@ -108,6 +116,37 @@ struct ggml_tensor * ggml_aquakv_reconstruct(struct ggml_context * ctx, struct g
                                         struct ggml_tensor * pred, struct ggml_tensor * up,
                                         struct ggml_tensor * bias, struct ggml_tensor * win,
                                         struct ggml_tensor * win_src, struct ggml_tensor * win_dst);
+
+// The low-rank read path with its whole prediction in the op: output row r is
+//   window row (as in ggml_aquakv_reconstruct), else
+//   decode(codes row) + up · (down · [in0[:, r] ; in1[:, r]]) + bias
+// down F32/F16 ne = [C_in, R] (the stored down-projection; for values the key and value
+// down-projections concatenated along ne0), in0 F32 [C, n*m], in1 F32 [C, n*m] or NULL
+// (C_in = C or 2C), up F32/F16 ne = [R, C]. Neither the inner vectors nor the prediction go
+// through memory.
+//   src: 0 codes, 1 grid, 2 in0, 3 bias, 4 win, 5 win_src, 6 win_dst, 7 up, 8 down, 9 in1
+struct ggml_tensor * ggml_aquakv_reconstruct_lowrank(struct ggml_context * ctx, struct ggml_tensor * codes,
+                                                struct ggml_tensor * grid, int32_t n_channels, int32_t group_size,
+                                                struct ggml_tensor * in0, struct ggml_tensor * in1,
+                                                struct ggml_tensor * down, struct ggml_tensor * up,
+                                                struct ggml_tensor * bias, struct ggml_tensor * win,
+                                                struct ggml_tensor * win_src, struct ggml_tensor * win_dst);
+
+// RoPE and the f16 cast of reconstructed keys in one pass:
+//   x F32 [head_dim, n_head, n] (contiguous), rot F32 [head_dim, n] -> F16 [head_dim, n_head, n]
+// rot is ggml_rope_ext applied to the unit pattern of `neox` (aquakv_rope_unit_pattern): for each
+// rotated pair (i, j) of row t it holds rot[i] = m·cos θ, rot[j] = m·sin θ, so
+//   out[i] = x[i]·rot[i] - x[j]·rot[j],  out[j] = x[i]·rot[j] + x[j]·rot[i]
+// which is ggml's own rotation of the pair: the model's RoPE variant, frequency factors and
+// YaRN scaling come from ggml_rope_ext once per graph instead of once per layer and head.
+// Pairs are (2k, 2k+1) (neox = 0) or (k, k + head_dim/2) (neox = 1).
+struct ggml_tensor * ggml_aquakv_rope_f16(struct ggml_context * ctx, struct ggml_tensor * x,
+                                     struct ggml_tensor * rot, int32_t neox);
+
+// the pattern whose rotation is rot above: value of channel i (0 <= i < head_dim)
+static inline float aquakv_rope_unit_pattern(int64_t i, int64_t head_dim, int32_t neox) {
+    return neox ? (i < head_dim/2 ? 1.0f : 0.0f) : (i % 2 == 0 ? 1.0f : 0.0f);
+}
 
 #ifdef __cplusplus
 }

@@ -191,17 +191,76 @@ inline uint32_t read_code(const uint8_t * row, size_t bit_pos, int bits, size_t 
     return (w >> (bit_pos & 7)) & ((1u << bits) - 1u);
 }
 
-// x̂_g = H_Gᵀ·(s·grid[code]) / G per group, codes read with a whole-word bit reader (the read
-// path decodes every attended cell of every layer at every step)
-void decode_row(const aquakv_row_layout & l, const grid_view & grid, const uint8_t * row, float * out) {
+// When codes never straddle a byte and every group starts on a byte (bits divides 8, G/d·bits a
+// multiple of 8), a byte of codes expands to a fixed run of grid values: one table lookup per
+// byte instead of a bit read per code. 256 entries of 8/bits codes × d floats.
+struct byte_table {
+    int n_floats = 0;  // floats per byte; 0: not applicable
+    std::vector<float> t;
+
+    byte_table(const aquakv_row_layout & l, const grid_view & grid) {
+        if (8 % l.bits != 0 || (l.group_size/l.grid_dim*l.bits) % 8 != 0 || (8/l.bits)*l.grid_dim > 16) {
+            return;
+        }
+        const int per_byte = 8/l.bits;
+        n_floats = per_byte*l.grid_dim;
+        t.resize((size_t) 256*n_floats);
+        for (int b = 0; b < 256; ++b) {
+            for (int k = 0; k < per_byte; ++k) {
+                const uint32_t c = ((uint32_t) b >> (k*l.bits)) & ((1u << l.bits) - 1u);  // < 2^bits = n
+                std::memcpy(&t[(size_t) b*n_floats + k*l.grid_dim], grid.g + (size_t) c*l.grid_dim, sizeof(float)*l.grid_dim);
+            }
+        }
+    }
+};
+
+// x̂_g = H_Gᵀ·(s·grid[code]) / G per group, codes expanded a byte at a time (byte_table) or read
+// with a whole-word bit reader (the read path decodes every attended cell of every layer at
+// every step)
+void decode_row(const aquakv_row_layout & l, const grid_view & grid, const byte_table & bt, const uint8_t * row,
+                float * out) {
     const int G = l.group_size;
     const int d = l.grid_dim;
     const float inv_g = 1.0f/(float) G;
+    if (bt.n_floats > 0) {
+        const int F = bt.n_floats;
+        const uint8_t * code = row;
+        for (int g0 = 0; g0 < l.n_channels; g0 += G) {
+            ggml_fp16_t s16;
+            std::memcpy(&s16, row + l.code_bytes + sizeof(ggml_fp16_t)*(g0/G), sizeof(s16));
+            const float s = ggml_fp16_to_fp32(s16)*inv_g;  // exact: see below
+            float * og = out + g0;
+#if defined(__GNUC__)
+            if (F == 4) {  // 2-bit: 4-bit codes of pairs, or 8-bit codes of quadruples
+                typedef float vf4 __attribute__((vector_size(16), aligned(4)));
+                const vf4 sv = { s, s, s, s };
+                for (int j = 0; j < G; j += 4) {
+                    vf4 e;
+                    std::memcpy(&e, bt.t.data() + (size_t) (*code++)*4, sizeof(e));
+                    e *= sv;
+                    std::memcpy(og + j, &e, sizeof(e));
+                }
+                fwht(og, G);
+                continue;
+            }
+#endif
+            for (int j = 0; j < G; j += F) {
+                const float * e = bt.t.data() + (size_t) (*code++)*F;
+                for (int k = 0; k < F; ++k) {
+                    og[j + k] = s*e[k];
+                }
+            }
+            fwht(og, G);
+        }
+        return;
+    }
     size_t bit_pos = 0;
     for (int g0 = 0; g0 < l.n_channels; g0 += G) {
         ggml_fp16_t s16;
         std::memcpy(&s16, row + l.code_bytes + sizeof(ggml_fp16_t)*(g0/G), sizeof(s16));
-        const float s = ggml_fp16_to_fp32(s16);
+        // (s/G)·g before the transform: G is a power of two, so this is exactly H·(s·g)/G
+        // (scaling by 2^-k commutes with every rounding) in one pass less
+        const float s = ggml_fp16_to_fp32(s16)*inv_g;
         float * og = out + g0;
         for (int j = 0; j < G; j += d) {
             const uint32_t c = read_code(row, bit_pos, l.bits, l.row_bytes);  // < 2^bits = n
@@ -212,54 +271,154 @@ void decode_row(const aquakv_row_layout & l, const grid_view & grid, const uint8
             }
         }
         fwht(og, G);
-        for (int j = 0; j < G; ++j) {
-            og[j] *= inv_g;
-        }
     }
 }
 
-// out[0..C) += U·z with ut = Uᵀ [R, C] (row r: the C weights of z[r]); chunks of 64 outputs stay
-// in registers across the R inputs
-void add_up_product(float * out, const float * ut, const float * z, int C, int R) {
-    constexpr int CH = 64;
-    int c0 = 0;
-    for (; c0 + CH <= C; c0 += CH) {
-        float acc[CH];
-        for (int j = 0; j < CH; ++j) {
-            acc[j] = out[c0 + j];
+// A low-rank predictor's weights, converted once per op call and thread into the layouts the
+// products below stream: dt = Dᵀ [C_in][RP] and ut = Uᵀ [R][C], RP = R rounded up to a vector
+// (the padding columns are zero, so z's padding lanes stay zero).
+struct lowrank_weights {
+    int C    = 0;
+    int C_in = 0;
+    int R    = 0;
+    int RP   = 0;
+    std::vector<float> dt;
+    std::vector<float> ut;
+};
+
+float weight_at(const ggml_tensor * w, int64_t i0, int64_t i1) {
+    const char * p = (const char *) w->data + i1*w->nb[1];
+    return w->type == GGML_TYPE_F16 ? ggml_fp16_to_fp32(((const ggml_fp16_t *) p)[i0]) : ((const float *) p)[i0];
+}
+
+#if defined(__GNUC__)
+// 16 floats in whatever registers the target has (one zmm, two ymm, four xmm): the compiler
+// lowers the products below to the widest FMA of the -march it builds for
+typedef float vf16 __attribute__((vector_size(64), aligned(4)));
+constexpr int VL = 16;
+inline vf16 vload(const float * p) { vf16 v; std::memcpy(&v, p, sizeof(v)); return v; }
+inline void vstore(float * p, vf16 v) { std::memcpy(p, &v, sizeof(v)); }
+#if defined(__AVX512F__)
+constexpr int TILE = 8;  // rows per tile: 8 accumulators + operands fit 32 zmm
+#else
+constexpr int TILE = 4;  // 4 x 2 ymm accumulators + operands fit 16 ymm
+#endif
+#else
+constexpr int VL   = 1;
+constexpr int TILE = 4;
+#endif
+
+lowrank_weights make_lowrank_weights(const ggml_tensor * down, const ggml_tensor * up, int C) {
+    lowrank_weights w;
+    w.C    = C;
+    w.C_in = (int) down->ne[0];
+    w.R    = (int) up->ne[0];
+    w.RP   = (w.R + VL - 1)/VL*VL;
+    w.dt.assign((size_t) w.C_in*w.RP, 0.0f);
+    for (int r = 0; r < w.R; ++r) {
+        for (int c = 0; c < w.C_in; ++c) {
+            w.dt[(size_t) c*w.RP + r] = weight_at(down, c, r);
         }
-        for (int r = 0; r < R; ++r) {
-            const float zr = z[r];
-            const float * u = ut + (size_t) r*C + c0;
-            for (int j = 0; j < CH; ++j) {
-                acc[j] += u[j]*zr;
+    }
+    w.ut.resize((size_t) w.R*C);
+    for (int c = 0; c < C; ++c) {
+        for (int r = 0; r < w.R; ++r) {
+            w.ut[(size_t) r*C + c] = weight_at(up, r, c);
+        }
+    }
+    return w;
+}
+
+// z[t][0..RP) = D·x_t for the nt <= TILE rows of a tile; x_t is [in0_t ; in1_t] (in1 optional)
+void down_products(const lowrank_weights & w, const float * const * in0, const float * const * in1, int nt,
+                   float * z /* [TILE][RP] */) {
+    const int C = w.C;
+#if defined(__GNUC__)
+    for (int rb = 0; rb < w.RP; rb += VL) {
+        vf16 acc[TILE];
+        for (int t = 0; t < TILE; ++t) {
+            acc[t] = vf16{};
+        }
+        for (int part = 0; part < (in1 ? 2 : 1); ++part) {
+            const float * const * in = part == 0 ? in0 : in1;
+            const float * dt = w.dt.data() + (size_t) part*C*w.RP + rb;
+            for (int c = 0; c < C; ++c) {
+                const vf16 d = vload(dt + (size_t) c*w.RP);
+                for (int t = 0; t < TILE; ++t) {
+                    acc[t] += (t < nt ? in[t][c] : 0.0f)*d;
+                }
             }
         }
-        for (int j = 0; j < CH; ++j) {
-            out[c0 + j] = acc[j];
+        for (int t = 0; t < TILE; ++t) {
+            vstore(z + (size_t) t*w.RP + rb, acc[t]);
         }
     }
-    for (int r = 0; r < R; ++r) {
-        const float zr = z[r];
-        const float * u = ut + (size_t) r*C;
+#else
+    for (int t = 0; t < nt; ++t) {
+        for (int r = 0; r < w.RP; ++r) {
+            float acc = 0.0f;
+            for (int part = 0; part < (in1 ? 2 : 1); ++part) {
+                const float * x = part == 0 ? in0[t] : in1[t];
+                for (int c = 0; c < C; ++c) {
+                    acc += x[c]*w.dt[((size_t) part*C + c)*w.RP + r];
+                }
+            }
+            z[(size_t) t*w.RP + r] = acc;
+        }
+    }
+#endif
+}
+
+// out_t[0..C) += U·z_t (+ bias) for the nt rows of a tile, the C outputs a vector at a time in
+// registers across the R inputs
+void up_products(const lowrank_weights & w, const float * z, const float * bias, float * const * out, int nt) {
+    const int C = w.C;
+    int c0 = 0;
+#if defined(__GNUC__)
+    for (; c0 + VL <= C; c0 += VL) {
+        vf16 acc[TILE];
+        const vf16 b = bias ? vload(bias + c0) : vf16{};
+        for (int t = 0; t < TILE; ++t) {
+            acc[t] = t < nt ? vload(out[t] + c0) + b : vf16{};
+        }
+        for (int r = 0; r < w.R; ++r) {
+            const vf16 u = vload(w.ut.data() + (size_t) r*C + c0);
+            for (int t = 0; t < TILE; ++t) {
+                acc[t] += z[(size_t) t*w.RP + r]*u;
+            }
+        }
+        for (int t = 0; t < nt; ++t) {
+            vstore(out[t] + c0, acc[t]);
+        }
+    }
+#endif
+    for (int t = 0; t < nt; ++t) {
         for (int c = c0; c < C; ++c) {
-            out[c] += u[c]*zr;
+            float acc = out[t][c] + (bias ? bias[c] : 0.0f);
+            for (int r = 0; r < w.R; ++r) {
+                acc += z[(size_t) t*w.RP + r]*w.ut[(size_t) r*C + c];
+            }
+            out[t][c] = acc;
         }
     }
 }
 
-// GGML_OP_AQUAKV_DECODE, plain or fused (aquakv-ops.h: ggml_aquakv_reconstruct). Each thread
-// owns a contiguous range of output rows, including the window rows that land in it.
+// GGML_OP_AQUAKV_DECODE, plain or fused (aquakv-ops.h: ggml_aquakv_reconstruct and
+// ggml_aquakv_reconstruct_lowrank). Each thread owns a contiguous range of output rows,
+// including the window rows that land in it, and works through it a tile of rows at a time.
 void forward_decode(const ggml_compute_params * params, ggml_tensor * dst) {
     const aquakv_row_layout l = aquakv_layout_from_op(dst);
     const ggml_tensor * codes   = dst->src[0];
-    const ggml_tensor * pred    = dst->src[2];
+    const ggml_tensor * pred    = dst->src[2];  // the prediction, its inner vectors, or in0 (with down)
     const ggml_tensor * bias    = dst->src[3];
     const ggml_tensor * win     = dst->src[4];
     const ggml_tensor * win_src = dst->src[5];
     const ggml_tensor * win_dst = dst->src[6];
     const ggml_tensor * up      = dst->src[7];
+    const ggml_tensor * down    = dst->src[8];
+    const ggml_tensor * in1     = dst->src[9];
     const grid_view grid(dst->src[1], l.grid_dim, l.grid_size);
+    const byte_table bt(l, grid);
     const int C = l.n_channels;
     const int64_t n  = codes->ne[1];
     const int64_t nr = n*codes->ne[2]*codes->ne[3];
@@ -282,45 +441,111 @@ void forward_decode(const ggml_compute_params * params, ggml_tensor * dst) {
             }
         }
     }
-    const int R = up ? (int) up->ne[0] : 0;
-    std::vector<float> ut;
+    // with `down` the inner vectors are computed here; without it `pred` holds them (or the
+    // whole prediction when there is no `up` either)
+    lowrank_weights w;
     if (up) {
-        ut.resize((size_t) R*C);
-        for (int c = 0; c < C; ++c) {
-            const char * urow = (const char *) up->data + c*up->nb[1];
-            for (int r = 0; r < R; ++r) {
-                ut[(size_t) r*C + c] = up->type == GGML_TYPE_F16 ? ggml_fp16_to_fp32(((const ggml_fp16_t *) urow)[r])
-                                                                 : ((const float *) urow)[r];
+        if (down) {
+            w = make_lowrank_weights(down, up, C);
+        } else {
+            w.C  = C;
+            w.R  = (int) up->ne[0];
+            w.RP = w.R;
+            w.ut.resize((size_t) w.R*C);
+            for (int c = 0; c < C; ++c) {
+                for (int r = 0; r < w.R; ++r) {
+                    w.ut[(size_t) r*C + c] = weight_at(up, r, c);
+                }
             }
         }
     }
     const float * b = bias ? (const float *) bias->data : nullptr;
+    auto row_of = [](const ggml_tensor * t, int64_t r) { return (const float *) ((const char *) t->data + r*t->nb[1]); };
 
-    for (int64_t r = r0; r < r1; ++r) {
-        const int64_t i1 = r % n;
-        const int64_t i2 = (r / n) % codes->ne[2];
-        const int64_t i3 = r / (n*codes->ne[2]);
-        float * out = (float *) ((char *) dst->data + i1*dst->nb[1] + i2*dst->nb[2] + i3*dst->nb[3]);
-        if (slot[r - r0] >= 0) {
-            ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) ((const char *) win->data + slot[r - r0]*win->nb[1]), out, C);
-            continue;
+    std::vector<float> z((size_t) TILE*std::max(w.RP, 1));
+    for (int64_t t0 = r0; t0 < r1; t0 += TILE) {
+        const int nt = (int) std::min<int64_t>(TILE, r1 - t0);
+        float * out[TILE];
+        const float * x0[TILE];
+        const float * x1[TILE];
+        for (int t = 0; t < nt; ++t) {
+            const int64_t r  = t0 + t;
+            const int64_t i1 = r % n;
+            const int64_t i2 = (r / n) % codes->ne[2];
+            const int64_t i3 = r / (n*codes->ne[2]);
+            out[t] = (float *) ((char *) dst->data + i1*dst->nb[1] + i2*dst->nb[2] + i3*dst->nb[3]);
+            const uint8_t * row = (const uint8_t *) codes->data + i1*codes->nb[1] + i2*codes->nb[2] + i3*codes->nb[3];
+            // window rows are decoded too (their codes are stale or zero) and overwritten below:
+            // a tile keeps its shape
+            decode_row(l, grid, bt, row, out[t]);
+            x0[t] = pred ? row_of(pred, r) : nullptr;
+            x1[t] = in1 ? row_of(in1, r) : nullptr;
         }
-        const uint8_t * row = (const uint8_t *) codes->data + i1*codes->nb[1] + i2*codes->nb[2] + i3*codes->nb[3];
-        decode_row(l, grid, row, out);
-        if (pred) {
-            const float * p = (const float *) ((const char *) pred->data + r*pred->nb[1]);
-            if (up) {
-                add_up_product(out, ut.data(), p, C, R);
+        if (up) {
+            const float * zt = nullptr;
+            if (down) {
+                down_products(w, x0, in1 ? x1 : nullptr, nt, z.data());
+                zt = z.data();
             } else {
-                for (int c = 0; c < C; ++c) {
-                    out[c] += p[c];
+                for (int t = 0; t < nt; ++t) {
+                    std::memcpy(z.data() + (size_t) t*w.RP, x0[t], sizeof(float)*w.R);
+                }
+                zt = z.data();
+            }
+            up_products(w, zt, b, out, nt);
+        } else {
+            for (int t = 0; t < nt; ++t) {
+                if (pred) {
+                    for (int c = 0; c < C; ++c) {
+                        out[t][c] += x0[t][c];
+                    }
+                }
+                if (b) {
+                    for (int c = 0; c < C; ++c) {
+                        out[t][c] += b[c];
+                    }
                 }
             }
         }
-        if (b) {
-            for (int c = 0; c < C; ++c) {
-                out[c] += b[c];
+        for (int t = 0; t < nt; ++t) {
+            const int32_t s_idx = slot[t0 + t - r0];
+            if (s_idx >= 0) {
+                ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) ((const char *) win->data + s_idx*win->nb[1]), out[t], C);
             }
+        }
+    }
+}
+
+// AQUAKV_READ_ROPE_F16 (aquakv-ops.h: ggml_aquakv_rope_f16): rows t of x split over threads
+void forward_rope_f16(const ggml_compute_params * params, ggml_tensor * dst) {
+    const ggml_tensor * x   = dst->src[0];
+    const ggml_tensor * rot = dst->src[1];
+    const bool neox = dst->op_params[AQUAKV_P_COUNT] != 0;
+    const int64_t hd = x->ne[0];
+    const int64_t nh = x->ne[1];
+    const int64_t nt = x->ne[2];
+    const int64_t half = hd/2;
+    std::vector<float> tmp(hd);
+    for (int64_t t = params->ith; t < nt; t += params->nth) {
+        const float * rt = (const float *) rot->data + t*hd;
+        for (int64_t h = 0; h < nh; ++h) {
+            const float * xr = (const float *) ((const char *) x->data + h*x->nb[1] + t*x->nb[2]);
+            if (neox) {
+                for (int64_t k = 0; k < half; ++k) {
+                    const float x0 = xr[k], x1 = xr[k + half];
+                    const float c = rt[k], sn = rt[k + half];
+                    tmp[k]        = x0*c - x1*sn;
+                    tmp[k + half] = x0*sn + x1*c;
+                }
+            } else {
+                for (int64_t k = 0; k < hd; k += 2) {
+                    const float x0 = xr[k], x1 = xr[k + 1];
+                    const float c = rt[k], sn = rt[k + 1];
+                    tmp[k]     = x0*c - x1*sn;
+                    tmp[k + 1] = x0*sn + x1*c;
+                }
+            }
+            ggml_cpu_fp32_to_fp16(tmp.data(), (ggml_fp16_t *) ((char *) dst->data + h*dst->nb[1] + t*dst->nb[2]), hd);
         }
     }
 }
@@ -330,7 +555,13 @@ void forward_decode(const ggml_compute_params * params, ggml_tensor * dst) {
 extern "C" void aquakv_compute_forward(const ggml_compute_params * params, ggml_tensor * tensor) {
     switch (tensor->op) {
         case GGML_OP_AQUAKV_STORE:  forward_store(params, tensor);  break;
-        case GGML_OP_AQUAKV_DECODE: forward_decode(params, tensor); break;
+        case GGML_OP_AQUAKV_DECODE:
+            if (tensor->op_params[AQUAKV_P_KIND] == AQUAKV_READ_ROPE_F16) {
+                forward_rope_f16(params, tensor);
+            } else {
+                forward_decode(params, tensor);
+            }
+            break;
         default: GGML_ABORT("not an AQUA-KV op");
     }
 }

@@ -41,6 +41,14 @@ public:
         set(wread_src, plan ? &plan->wread_src : nullptr);
         set(wread_dst, plan ? &plan->wread_dst : nullptr);
         set(kv_pos,    plan ? &plan->kv_pos    : nullptr);
+        if (rope_unit != nullptr && rope_unit->buffer != nullptr) {
+            const int64_t hd = rope_unit->ne[0];
+            std::vector<float> unit((size_t) ggml_nelements(rope_unit));
+            for (size_t i = 0; i < unit.size(); ++i) {
+                unit[i] = aquakv_rope_unit_pattern((int64_t) (i % hd), hd, rope_unit_neox);
+            }
+            ggml_backend_tensor_set(rope_unit, unit.data(), 0, unit.size()*sizeof(float));
+        }
     }
 
     bool can_reuse(const llm_graph_params & params) override {
@@ -74,6 +82,43 @@ public:
     // the previous layer's reconstructions while the graph is built: F32 [C, ns*n_kv]
     ggml_tensor * k_hat_prev = nullptr;
     ggml_tensor * v_hat_prev = nullptr;
+
+    // the unit pattern F32 [head_dim, 1, ns*n_kv] (filled by set_input) and the rotations of
+    // the attended cells per RoPE (op params and frequency factors) of the graph
+    ggml_tensor * rope_unit = nullptr;
+    int32_t       rope_unit_neox = 0;
+    struct rope_rotations {
+        int32_t       params[GGML_MAX_OP_PARAMS/sizeof(int32_t)];
+        ggml_tensor * freq_factors;
+        ggml_tensor * rot;  // F32 [head_dim, ns*n_kv]
+    };
+    std::vector<rope_rotations> rope_rots;
+
+    ggml_tensor * rotations(ggml_context * ctx, const ggml_tensor * k_rope, int64_t head_dim, int64_t n_cells) {
+        for (const rope_rotations & r : rope_rots) {
+            if (r.freq_factors == k_rope->src[2] && std::memcmp(r.params, k_rope->op_params, sizeof(r.params)) == 0) {
+                return r.rot;
+            }
+        }
+        const int32_t neox = k_rope->op_params[2] != 0;
+        GGML_ASSERT((rope_unit == nullptr || (rope_unit->ne[0] == head_dim && rope_unit_neox == neox)) &&
+                    "AQUA-KV: layers with different head sizes or RoPE pairings");
+        if (rope_unit == nullptr) {
+            rope_unit = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, head_dim, 1, n_cells);
+            ggml_set_input(rope_unit);
+            ggml_set_name(rope_unit, "aquakv_rope_unit");
+            rope_unit_neox = neox;
+        }
+        ggml_tensor * rot = ggml_rope_ext(ctx, rope_unit, kv_pos, k_rope->src[2], 0, 0, 0,
+                                          0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f);
+        std::memcpy(rot->op_params, k_rope->op_params, sizeof(k_rope->op_params));
+        rope_rotations entry;
+        std::memcpy(entry.params, k_rope->op_params, sizeof(entry.params));
+        entry.freq_factors = k_rope->src[2];
+        entry.rot = ggml_reshape_2d(ctx, rot, head_dim, n_cells);
+        rope_rots.push_back(entry);
+        return entry.rot;
+    }
 
 private:
     static void set(ggml_tensor * t, const std::vector<int32_t> * values) {
@@ -180,9 +225,12 @@ ggml_tensor * aquakv_predictor_product(ggml_context * ctx, ggml_tensor * w, ggml
 
 // what the reconstruct op adds to the decoded residuals of every attended cell
 struct aquakv_read_prediction {
-    ggml_tensor * pred = nullptr;  // F32 [C, cells], or the inner vectors [R, cells] when `up` is set
+    ggml_tensor * pred = nullptr;  // F32 [C, cells], the inner vectors [R, cells] when `up` is set,
+                                   // or the predictor input in0 when `down` is set
     ggml_tensor * up   = nullptr;  // the stored up-projection, applied inside the op (host memory only)
     ggml_tensor * bias = nullptr;  // [C]
+    ggml_tensor * down = nullptr;  // [C_in, R]: the whole low-rank prediction inside the op
+    ggml_tensor * in1  = nullptr;  // the second predictor input (values: V̂_{l-1})
 };
 
 } // namespace
@@ -242,6 +290,7 @@ ggml_tensor * aquakv_build_attn(const llm_graph_context & gctx, llm_graph_input_
     if (il == 0) {
         ai->k_hat_prev = nullptr;
         ai->v_hat_prev = nullptr;
+        ai->rope_rots.clear();
     }
     GGML_ASSERT((il == 0) == (ai->k_hat_prev == nullptr) && "AQUA-KV layers must be built in order");
 
@@ -294,9 +343,12 @@ ggml_tensor * aquakv_build_attn(const llm_graph_context & gctx, llm_graph_input_
                                                 row_bytes*kv_size, row_bytes*kv_size*plan.s0);
         // one op: decode + prediction + bias, window rows over their cells (docs/PERF.md)
         const aquakv_read_prediction rp = il > 0 ? read_pred() : aquakv_read_prediction{};
+        ggml_tensor * win_r = ai->wread_src ? win2 : nullptr;
         ggml_tensor * x_hat = ggml_reshape_2d(ctx0,
-            ggml_aquakv_reconstruct(ctx0, codes_view, grid, (int32_t) C, G, rp.pred, rp.up, rp.bias,
-                                    ai->wread_src ? win2 : nullptr, ai->wread_src, ai->wread_dst),
+            rp.down ? ggml_aquakv_reconstruct_lowrank(ctx0, codes_view, grid, (int32_t) C, G, rp.pred, rp.in1, rp.down,
+                                                      rp.up, rp.bias, win_r, ai->wread_src, ai->wread_dst)
+                    : ggml_aquakv_reconstruct(ctx0, codes_view, grid, (int32_t) C, G, rp.pred, rp.up, rp.bias,
+                                              win_r, ai->wread_src, ai->wread_dst),
             C, n_kv*ns);
         return x_hat;  // F32 [C, ns*n_kv]
     };
@@ -317,11 +369,11 @@ ggml_tensor * aquakv_build_attn(const llm_graph_context & gctx, llm_graph_input_
         ggml_tensor * v_dnv = aquakv_predictor_weight(ctx0, P.v_down_v, form);
         ggml_tensor * k_upw = aquakv_predictor_weight(ctx0, P.k_up,     form);
         ggml_tensor * v_upw = aquakv_predictor_weight(ctx0, P.v_up,     form);
-        const bool up_in_op = il > 0 && P.k_up->buffer != nullptr && ggml_backend_buffer_is_host(P.k_up->buffer);
-        auto read_lowrank = [&](ggml_tensor * z, ggml_tensor * up_stored, ggml_tensor * up_w, ggml_tensor * b) {
-            if (up_in_op) {
-                return aquakv_read_prediction{ z, up_stored, b };
-            }
+        // on the CPU the whole prediction U·(D·x) runs inside the reconstruct op; elsewhere D and U
+        // are ggml products (cuBLAS) and the op adds their result
+        const bool in_op = il > 0 && P.k_up->buffer != nullptr && ggml_backend_buffer_is_host(P.k_up->buffer);
+        ggml_tensor * v_dn_kv = in_op ? ggml_concat(ctx0, v_dnk, v_dnv, 0) : nullptr;  // [2C, R_v]
+        auto read_lowrank = [&](ggml_tensor * z, ggml_tensor * up_w, ggml_tensor * b) {
             return aquakv_read_prediction{ ggml_mul_mat(ctx0, up_w, z), nullptr, b };
         };
         k_hat = store_and_read(k_new, k_storage, cache->win_k(il),
@@ -329,7 +381,12 @@ ggml_tensor * aquakv_build_attn(const llm_graph_context & gctx, llm_graph_input_
                 return ggml_add(ctx0, ggml_mul_mat(ctx0, k_upw, ggml_mul_mat(ctx0, k_dn, gather(ai->k_hat_prev, rows))),
                                 P.k_pred_b);
             },
-            [&]() { return read_lowrank(ggml_mul_mat(ctx0, k_dn, ai->k_hat_prev), P.k_up, k_upw, P.k_pred_b); });
+            [&]() {
+                if (in_op) {
+                    return aquakv_read_prediction{ ai->k_hat_prev, P.k_up, P.k_pred_b, k_dn, nullptr };
+                }
+                return read_lowrank(ggml_mul_mat(ctx0, k_dn, ai->k_hat_prev), k_upw, P.k_pred_b);
+            });
         gctx.cb(k_hat, "aquakv_k_hat", il);
         auto v_inner = [&](ggml_tensor * rows) {
             return ggml_add(ctx0, ggml_mul_mat(ctx0, v_dnk, gather(k_hat, rows)),
@@ -337,7 +394,12 @@ ggml_tensor * aquakv_build_attn(const llm_graph_context & gctx, llm_graph_input_
         };
         v_hat = store_and_read(v_new, v_storage, cache->win_v(il),
             [&](ggml_tensor * rows) { return ggml_add(ctx0, ggml_mul_mat(ctx0, v_upw, v_inner(rows)), P.v_pred_b); },
-            [&]() { return read_lowrank(v_inner(nullptr), P.v_up, v_upw, P.v_pred_b); });
+            [&]() {
+                if (in_op) {
+                    return aquakv_read_prediction{ k_hat, P.v_up, P.v_pred_b, v_dn_kv, ai->v_hat_prev };
+                }
+                return read_lowrank(v_inner(nullptr), v_upw, P.v_pred_b);
+            });
         gctx.cb(v_hat, "aquakv_v_hat", il);
     } else {
         const aquakv_predictor_form form = aquakv_predictor_form_for(P.k_pred_w, md);
@@ -361,19 +423,28 @@ ggml_tensor * aquakv_build_attn(const llm_graph_context & gctx, llm_graph_input_
     ai->k_hat_prev = k_hat;
     ai->v_hat_prev = v_hat;
 
-    // RoPE by cell position, with the model's own RoPE parameters
-    ggml_tensor * k_rope = ggml_rope_ext(ctx0, ggml_reshape_3d(ctx0, k_hat, head_dim, n_head_kv, n_kv*ns), ai->kv_pos,
-                                         k_cur->src[2], 0, 0, 0, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f);
-    std::memcpy(k_rope->op_params, k_cur->op_params, sizeof(k_cur->op_params));
-
-    // flash attention reads f16 K/V: cast here, while the rows are contiguous; left to
-    // build_attn_mha the cast would copy a permuted view, several times slower on CUDA
-    // (docs/PERF.md). Same values either way: f32 RoPE, then one rounding to f16.
-    ggml_tensor * k_att = k_rope;
+    // RoPE by cell position, with the model's own RoPE parameters. Flash attention reads f16
+    // K/V: cast here, while the rows are contiguous; left to build_attn_mha the cast would copy
+    // a permuted view, several times slower on CUDA (docs/PERF.md). Same values either way:
+    // f32 RoPE, then one rounding to f16.
+    ggml_tensor * k_hat3 = ggml_reshape_3d(ctx0, k_hat, head_dim, n_head_kv, n_kv*ns);
+    ggml_tensor * k_att = nullptr;
     ggml_tensor * v_att = v_hat;
+    const int32_t rope_mode = k_cur->op_params[2];
+    const bool    rope_one_pass = gctx.cparams.flash_attn && k_cur->op_params[1] == head_dim &&
+                                  (rope_mode == 0 || rope_mode == GGML_ROPE_TYPE_NEOX);
+    if (rope_one_pass) {
+        // RoPE and the cast in one pass, with the rotations of every cell from one ggml RoPE of
+        // the unit pattern, shared by the layers that have the same RoPE (aquakv-ops.h)
+        k_att = ggml_aquakv_rope_f16(ctx0, k_hat3, ai->rotations(ctx0, k_cur, head_dim, n_kv*ns), rope_mode != 0);
+    } else {
+        ggml_tensor * k_rope = ggml_rope_ext(ctx0, k_hat3, ai->kv_pos, k_cur->src[2], 0, 0, 0,
+                                             0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f);
+        std::memcpy(k_rope->op_params, k_cur->op_params, sizeof(k_cur->op_params));
+        k_att = gctx.cparams.flash_attn ? ggml_cast(ctx0, k_rope, GGML_TYPE_F16) : k_rope;
+    }
     if (gctx.cparams.flash_attn) {
-        k_att = ggml_cast(ctx0, k_rope, GGML_TYPE_F16);
-        v_att = ggml_cast(ctx0, v_hat,  GGML_TYPE_F16);
+        v_att = ggml_cast(ctx0, v_hat, GGML_TYPE_F16);
     }
     ggml_tensor * k = ggml_reshape_4d(ctx0, k_att, head_dim, n_head_kv, n_kv, ns);
     ggml_tensor * v = ggml_reshape_4d(ctx0, v_att, head_dim, n_head_kv, n_kv, ns);

@@ -3,11 +3,12 @@
 #include "aquakv-ops.h"
 
 #include <cstring>
+#include <initializer_list>
 
 namespace {
 
 void set_layout_params(ggml_tensor * t, const aquakv_row_layout & l) {
-    const int32_t p[AQUAKV_P_COUNT] = { l.n_channels, l.group_size, l.grid_dim, l.grid_size, l.bits };
+    const int32_t p[AQUAKV_P_COUNT] = { l.n_channels, l.group_size, l.grid_dim, l.grid_size, l.bits, AQUAKV_READ_RECONSTRUCT };
     static_assert(sizeof(p) <= GGML_MAX_OP_PARAMS, "op params");
     std::memcpy(t->op_params, p, sizeof(p));
 }
@@ -101,5 +102,48 @@ extern "C" ggml_tensor * ggml_aquakv_reconstruct(ggml_context * ctx, ggml_tensor
     result->src[5] = win ? win_src : nullptr;
     result->src[6] = win ? win_dst : nullptr;
     result->src[7] = up;
+    return result;
+}
+
+extern "C" ggml_tensor * ggml_aquakv_reconstruct_lowrank(ggml_context * ctx, ggml_tensor * codes, ggml_tensor * grid,
+                                                    int32_t n_channels, int32_t group_size, ggml_tensor * in0,
+                                                    ggml_tensor * in1, ggml_tensor * down, ggml_tensor * up,
+                                                    ggml_tensor * bias, ggml_tensor * win, ggml_tensor * win_src,
+                                                    ggml_tensor * win_dst) {
+    GGML_ASSERT(in0 && down && up && "the low-rank read needs its input, down- and up-projections");
+    ggml_tensor * result = ggml_aquakv_reconstruct(ctx, codes, grid, n_channels, group_size, nullptr, nullptr,
+                                                   bias, win, win_src, win_dst);
+    const int64_t n_rows = codes->ne[1]*codes->ne[2]*codes->ne[3];
+    for (ggml_tensor * in : { in0, in1 }) {
+        if (in) {
+            GGML_ASSERT(in->type == GGML_TYPE_F32 && in->nb[0] == sizeof(float) && ggml_n_dims(in) <= 2);
+            GGML_ASSERT(in->ne[0] == n_channels && in->ne[1] == n_rows && "AQUA-KV predictor input does not match the rows");
+        }
+    }
+    const int64_t R = up->ne[0];
+    GGML_ASSERT((up->type == GGML_TYPE_F16 || up->type == GGML_TYPE_F32) && ggml_is_contiguous(up));
+    GGML_ASSERT(up->ne[1] == n_channels && ggml_n_dims(up) <= 2);
+    GGML_ASSERT((down->type == GGML_TYPE_F16 || down->type == GGML_TYPE_F32) && ggml_is_contiguous(down));
+    GGML_ASSERT(down->ne[0] == n_channels*(in1 ? 2 : 1) && down->ne[1] == R && ggml_n_dims(down) <= 2 &&
+                "AQUA-KV down-projection does not match its inputs and the up-projection");
+    result->src[2] = in0;
+    result->src[7] = up;
+    result->src[8] = down;
+    result->src[9] = in1;
+    return result;
+}
+
+extern "C" ggml_tensor * ggml_aquakv_rope_f16(ggml_context * ctx, ggml_tensor * x, ggml_tensor * rot, int32_t neox) {
+    GGML_ASSERT(x->type == GGML_TYPE_F32 && ggml_is_contiguous(x) && ggml_n_dims(x) <= 3);
+    GGML_ASSERT(rot->type == GGML_TYPE_F32 && ggml_is_contiguous(rot));
+    GGML_ASSERT(x->ne[0] % 2 == 0 && rot->ne[0] == x->ne[0] && ggml_nelements(rot) == x->ne[0]*x->ne[2] &&
+                "AQUA-KV RoPE table does not match the keys");
+    ggml_tensor * result = ggml_new_tensor_3d(ctx, GGML_TYPE_F16, x->ne[0], x->ne[1], x->ne[2]);
+    result->op = GGML_OP_AQUAKV_DECODE;
+    const int32_t p[AQUAKV_P_COUNT] = { 0, 0, 0, 0, 0, AQUAKV_READ_ROPE_F16 };
+    std::memcpy(result->op_params, p, sizeof(p));
+    result->op_params[AQUAKV_P_COUNT] = neox ? 1 : 0;
+    result->src[0] = x;
+    result->src[1] = rot;
     return result;
 }

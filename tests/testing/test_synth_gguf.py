@@ -7,11 +7,11 @@ import pytest
 from gguf import GGUFReader
 
 from aquakv_gguf.eval.native_perplexity import window_logits
-from aquakv_gguf.gguf_io import read_aqua_gguf
-from aquakv_gguf.runtime import Model
+from aquakv_gguf.gguf_io import names, read_aqua_gguf
+from aquakv_gguf.runtime import Model, log_tail
 from aquakv_gguf.testing.aqua_params import random_aquakv_params
 from aquakv_gguf.testing.gpu import test_n_gpu_layers
-from aquakv_gguf.testing.synth_gguf import SHAPES, write_synthetic_llama
+from aquakv_gguf.testing.synth_gguf import SHAPES, synthetic_aquakv_params, write_synthetic_llama
 
 SHAPE = SHAPES["tiny"]
 
@@ -35,6 +35,33 @@ def test_synthetic_model_has_the_shapes_and_runs_with_and_without_aquakv(weights
             out[aquakv] = window_logits(ctx, tokens, 32)
     assert out[True].shape == (len(tokens), SHAPE.n_vocab) and np.isfinite(out[True]).all()
     assert out[True].std() > 0.01, "random weights must give non-degenerate logits"
+    assert 0 < np.abs(out[True] - out[False]).max(), "the AQUA-KV cache must change the logits a little"
+
+
+def test_lowrank_synthetic_model_loads_and_runs(tmp_path):
+    """The low-rank form (bench_gpu_cache's aqua2-lr: ranks 32 for keys, 64 for values): factors and
+    ranks in the file instead of dense weights, the native loader takes the form, and the model
+    runs with finite logits that the AQUA-KV cache changes a little."""
+    params = synthetic_aquakv_params(SHAPE, rank_k=32, rank_v=64)
+    path = write_synthetic_llama(tmp_path / "lr.aqua.gguf", SHAPE, aquakv=params, progress=False)
+    read = read_aqua_gguf(path)
+    assert (read.predictor_form, read.predictor_rank_k, read.predictor_rank_v) == (names.FORM_LOWRANK, 32, 64)
+    tensors = {t.name: t for t in GGUFReader(path).tensors}
+    c = SHAPE.n_kv_channels
+    assert list(tensors[names.K_PRED_DOWN.format(layer=1)].shape) == [c, 32]
+    assert list(tensors[names.V_PRED_UP.format(layer=1)].shape) == [64, c]
+    assert names.K_PRED_WEIGHT.format(layer=1) not in tensors
+
+    tokens = list(map(int, np.random.default_rng(1).integers(300, SHAPE.n_vocab, size=160)))
+    out = {}
+    for aquakv in (True, False):
+        with Model(path, n_gpu_layers=test_n_gpu_layers(), aquakv=aquakv) as model:
+            if aquakv:
+                assert "low-rank (keys 32, values 64) predictors" in log_tail()
+            with model.context(n_ctx=256) as ctx:
+                assert (ctx.cache_info() is not None) == aquakv
+                out[aquakv] = window_logits(ctx, tokens, 32)
+    assert np.isfinite(out[True]).all() and out[True].std() > 0.01
     assert 0 < np.abs(out[True] - out[False]).max(), "the AQUA-KV cache must change the logits a little"
 
 
