@@ -257,6 +257,18 @@ def summary_bits_per_value(params: AquaKVParams, n_tokens: int) -> float:
                           recent_tokens=params.recent_tokens)
 
 
+# The converter's predictor form when none is asked for: the fastest form measured to meet the
+# quality bar (docs/RESULTS.md, cpu-cache: mean KLD 0.28x q4_0's, PPL +0.62% on SmolLM2; dense
+# 0.20x / +0.49% decodes 2-3x slower). Ranks above a model's C are clamped to C.
+DEFAULT_PREDICTOR = "lowrank:32,64"
+
+
+def default_predictor(n_channels: int) -> tuple[str, int, int]:
+    """``(form, rank_k, rank_v)`` of DEFAULT_PREDICTOR for a model with ``n_channels`` KV channels."""
+    form, rank_k, rank_v = parse_predictor(DEFAULT_PREDICTOR)
+    return form, min(rank_k, n_channels), min(rank_v, n_channels)
+
+
 def parse_predictor(text: str) -> tuple[str, int, int]:
     """``--predictor`` value -> ``(form, rank_k, rank_v)``: "dense", "lowrank:R" (both ranks R) or "lowrank:RK,RV"."""
     form, sep, ranks = text.strip().partition(":")
@@ -274,7 +286,7 @@ def convert(model: str | os.PathLike[str], out: str | os.PathLike[str], *, bits:
             calib_seq_len: int | None = None, seed: int = 0, device: str = "cpu", force: bool = False,
             outtype: str = "f16", also: dict[int, str | os.PathLike[str]] | None = None,
             prefix_tokens: int = 4, recent_tokens: int = 128, predictor_block: int | None = None,
-            predictor_form: str = "dense", rank_k: int = 0, rank_v: int = 0,
+            predictor_form: str | None = None, rank_k: int = 0, rank_v: int = 0,
             progress: bool = True) -> ConvertSummary:
     """Calibrate ``model`` and write ``out``; raises ConvertError/CalibrationError/AquaKVFormatError.
 
@@ -282,7 +294,8 @@ def convert(model: str | os.PathLike[str], out: str | os.PathLike[str], *, bits:
     model, each with its own chain of reconstructions and predictors.  ``predictor_block`` N
     fits block-diagonal predictors with ``[N, N]`` blocks (typically N = head_dim: one block
     per KV head); None is dense.  ``predictor_form="lowrank"`` with ``rank_k``/``rank_v``
-    (1..C) fits low-rank predictors (not combinable with ``predictor_block``).
+    (1..C) fits low-rank predictors (not combinable with ``predictor_block``); None is
+    DEFAULT_PREDICTOR, or dense when ``predictor_block`` is given.
     """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -330,6 +343,8 @@ def convert(model: str | os.PathLike[str], out: str | os.PathLike[str], *, bits:
             block = check_predictor_block(predictor_block, n_kv, head_dim, recipe.llama_cpp_permutes_qk)
         except ValueError as exc:
             raise ConvertError(f"--predictor-block: {exc}") from exc
+        if predictor_form is None:
+            predictor_form, rank_k, rank_v = ("dense", 0, 0) if predictor_block is not None else default_predictor(c)
         try:
             check_predictor_form(predictor_form, rank_k, rank_v, c, 0 if block == c else block)
         except ValueError as exc:
@@ -486,9 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="block-diagonal predictors with N x N blocks (N divides C; a multiple of head_dim when "
                          "llama.cpp permutes key channels; typically head_dim: one block per KV head). "
                          "Default: dense")
-    ap.add_argument("--predictor", default="dense", metavar="FORM",
-                    help="predictor form: dense, lowrank:R (keys and values rank R) or lowrank:RK,RV "
-                         "(1 <= R <= C; not with --predictor-block). Default: dense")
+    ap.add_argument("--predictor", default=None, metavar="FORM",
+                    help="predictor form: dense (best quality, slowest decode), lowrank:R (keys and values "
+                         "rank R) or lowrank:RK,RV (1 <= R <= C; not with --predictor-block). "
+                         f"Default: {DEFAULT_PREDICTOR} (ranks clamped to C), dense with --predictor-block")
     ap.add_argument("--outtype", default="f16", help="weight type when converting a Hugging Face folder (default f16)")
     ap.add_argument("--also", action="append", default=[], metavar="BITS:PATH",
                     help="also write the predictors fitted for BITS to PATH, sharing the pass over the model "
@@ -515,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         also[int(b)] = Path(path)
     try:
-        predictor_form, rank_k, rank_v = parse_predictor(args.predictor)
+        predictor_form, rank_k, rank_v = parse_predictor(args.predictor) if args.predictor else (None, 0, 0)
         summary = convert(args.model, args.out, bits=args.bits, group_size=args.group_size,
                           calib_tokens=args.calib_tokens, calib_text=args.calib_text, calib_seq_len=args.calib_seq_len,
                           seed=args.seed, device=args.device, force=args.force, outtype=args.outtype,

@@ -35,6 +35,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from aquakv_gguf.convert import DEFAULT_PREDICTOR, parse_predictor  # noqa: E402
+
+# aqua2-lr has the converter's default predictor form (DEFAULT_PREDICTOR); aqua2 is dense
+DEFAULT_CACHE = "aqua2-lr"
+_, _DEFAULT_RANK_K, _DEFAULT_RANK_V = parse_predictor(DEFAULT_PREDICTOR)
 CACHES = ["f16", "aqua2", "aqua2-lr", "q8_0", "q4_0", "aqua3", "aqua2-blk", "aqua2-f32"]
 BYTES_PER_VALUE = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 # the AQUA-KV files of each shape: synth_gguf.synthetic_aquakv_params arguments ("head": block = head_dim)
@@ -42,7 +47,7 @@ VARIANTS: dict[str, dict] = {
     "aqua2": {"n_points": 16},
     "aqua3": {"n_points": 64},
     "aqua2-blk": {"n_points": 16, "block_size": "head"},
-    "aqua2-lr": {"n_points": 16, "rank_k": 32, "rank_v": 64},
+    "aqua2-lr": {"n_points": 16, "rank_k": _DEFAULT_RANK_K, "rank_v": _DEFAULT_RANK_V},
 }
 
 
@@ -300,13 +305,16 @@ def report(args: argparse.Namespace) -> int:
             row += [_fmt(pp.get(d)) for d in depths] + [_fmt(tg.get(d)) for d in depths] + [ratio("pp"), ratio("tg")]
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
-    e8, f8 = s["shapes"].get("8b", {}).get("caches", {}).get("aqua2", {}), s["shapes"].get("8b", {}).get("caches", {}).get("f16", {})
+    # the targets are on the converter's default form (aquakv_gguf.convert.DEFAULT_PREDICTOR)
+    c8 = s["shapes"].get("8b", {}).get("caches", {})
+    default_cache = DEFAULT_CACHE if DEFAULT_CACHE in c8 else "aqua2"
+    e8, f8 = c8.get(default_cache, {}), c8.get("f16", {})
     last = depths[-1]
     if e8.get("tg", {}).get(last) and f8.get("tg", {}).get(last):
         tg_r = e8["tg"][last] / f8["tg"][last]
         pp_r = e8["pp"][last] / f8["pp"][last]
         kv_r = f8["kv_mib_32k"] / e8["kv_mib_32k"] if e8.get("kv_mib_32k") and f8.get("kv_mib_32k") else float("nan")
-        lines += [f"**Targets** (8B shape, depth {last}, AQUA-KV 2-bit vs f16): generation {tg_r:.2f}× "
+        lines += [f"**Targets** (8B shape, depth {last}, AQUA-KV 2-bit {default_cache} vs f16): generation {tg_r:.2f}× "
                   f"(target ≥ 0.5×: {'met' if tg_r >= 0.5 else 'NOT met'}), prompt processing {pp_r:.2f}× "
                   f"(target ≥ 0.8×: {'met' if pp_r >= 0.8 else 'NOT met'}), KV at 32K 1/{kv_r:.1f} of f16 "
                   f"(target ≤ 1/6: {'met' if kv_r >= 6 else 'NOT met'}). Variants and profile: docs/PERF.md.", ""]

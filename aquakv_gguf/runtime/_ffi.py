@@ -56,6 +56,10 @@ int32_t aquakv_op_encode(const float * x, int64_t n_rows, int32_t n_channels, co
 int32_t aquakv_op_decode(const uint8_t * rows, int64_t n_rows, int32_t n_channels, const float * grid,
                          int32_t grid_size, int32_t grid_dim, int32_t group_size, int32_t n_threads, bool gpu,
                          float * out);
+int32_t aquakv_op_rope_f16(const float * x, const int32_t * pos, int64_t n_tokens, int32_t head_dim, int32_t n_head,
+                           int32_t neox, float freq_base, int32_t n_threads, bool gpu, bool fused, uint16_t * out);
+int32_t aquakv_op_cast_f16(const float * x, int64_t n_rows, int32_t n_channels, int32_t n_threads, bool gpu,
+                           uint16_t * out);
 int32_t aquakv_context_cache_info(const struct llama_context * ctx, int64_t * out);
 void    aquakv_profile_reset(bool recording);
 int32_t aquakv_profile_write(const char * path);

@@ -75,3 +75,37 @@ def split_rows(rows: np.ndarray, n_channels: int, group_size: int, bits: int, gr
     if scales.shape[1] != n_channels // group_size:
         raise ValueError("rows do not match the given channel count and group size")
     return codes, scales
+
+
+def rope_f16(x: np.ndarray, positions: np.ndarray, *, neox: bool, freq_base: float = 10000.0, fused: bool = True,
+             n_threads: int = 2, gpu: bool = False) -> np.ndarray:
+    """RoPE then f16 of ``x: float32 [n_tokens, n_head, head_dim]`` at ``positions: int32 [n_tokens]``.
+
+    ``fused``: the cache's ``ggml_aquakv_rope_f16`` with its rotation table built as the cache graph
+    builds it; else upstream's ``ggml_rope_ext`` followed by ``ggml_cast``. Returns float16 of x's shape.
+    """
+    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    pos = np.ascontiguousarray(np.asarray(positions, dtype=np.int32))
+    if x.ndim != 3 or x.shape[0] == 0 or x.shape[2] % 2 != 0 or pos.shape != (x.shape[0],):
+        raise ValueError(f"x must be [n_tokens >= 1, n_head, even head_dim] with one position per token, "
+                         f"got {x.shape} and {pos.shape}")
+    out = np.empty(x.shape, dtype=np.float16)
+    rc = lib().aquakv_op_rope_f16(ffi.from_buffer("float[]", x), ffi.from_buffer("int32_t[]", pos), x.shape[0],
+                                  x.shape[2], x.shape[1], int(neox), freq_base, n_threads, gpu, fused,
+                                  ffi.from_buffer("uint16_t[]", out))
+    if rc != 0:
+        raise LlamaError("the native AQUA-KV RoPE op failed", log_tail())
+    return out
+
+
+def cast_f16(x: np.ndarray, *, n_threads: int = 2, gpu: bool = False) -> np.ndarray:
+    """``x: float32 [n_rows, C]`` to float16 by the cache's value cast (``ggml_aquakv_rope_f16`` without rotation)."""
+    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"x must be [n_rows >= 1, C], got shape {x.shape}")
+    out = np.empty(x.shape, dtype=np.float16)
+    rc = lib().aquakv_op_cast_f16(ffi.from_buffer("float[]", x), x.shape[0], x.shape[1], n_threads, gpu,
+                                  ffi.from_buffer("uint16_t[]", out))
+    if rc != 0:
+        raise LlamaError("the native AQUA-KV cast op failed", log_tail())
+    return out

@@ -74,6 +74,17 @@ LLAMA_API int32_t aquakv_op_decode(
         const uint8_t * rows, int64_t n_rows, int32_t n_channels, const float * grid, int32_t grid_size,
         int32_t grid_dim, int32_t group_size, int32_t n_threads, bool gpu, float * out);
 
+// RoPE + f16 cast of x [n_tokens][n_head][head_dim] f32 at positions pos (plain RoPE with
+// freq_base, NORM or NEOX pairing): fused = ggml_aquakv_rope_f16 with its rotation table built
+// as the cache graph builds it, else ggml_rope_ext then ggml_cast (upstream); out: f16 bits of
+// the same shape. cast: ggml_aquakv_rope_f16 without rotation, x [n_rows][n_channels] -> f16.
+// Both return 0, or -1 (logged).
+LLAMA_API int32_t aquakv_op_rope_f16(
+        const float * x, const int32_t * pos, int64_t n_tokens, int32_t head_dim, int32_t n_head, int32_t neox,
+        float freq_base, int32_t n_threads, bool gpu, bool fused, uint16_t * out);
+LLAMA_API int32_t aquakv_op_cast_f16(
+        const float * x, int64_t n_rows, int32_t n_channels, int32_t n_threads, bool gpu, uint16_t * out);
+
 // 1 when the context's memory is the AQUA-KV cache, 0 otherwise. When it is and out is not
 // NULL: out[0] = bytes of codes + scales, out[1] = bytes of the f16 window, out[2] = cells per
 // stream, out[3] = streams, out[4] = window slots per stream.

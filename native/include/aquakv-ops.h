@@ -140,6 +140,9 @@ struct ggml_tensor * ggml_aquakv_reconstruct_lowrank(struct ggml_context * ctx, 
 // which is ggml's own rotation of the pair: the model's RoPE variant, frequency factors and
 // YaRN scaling come from ggml_rope_ext once per graph instead of once per layer and head.
 // Pairs are (2k, 2k+1) (neox = 0) or (k, k + head_dim/2) (neox = 1).
+// With rot = NULL the node is the plain cast F32 -> F16 (values): the same kind, so both casts of
+// the read path run at the bandwidth of this op rather than of ggml's generic strided copy
+// (0.56 TB/s on an H200 for the value casts, docs/PERF.md).
 struct ggml_tensor * ggml_aquakv_rope_f16(struct ggml_context * ctx, struct ggml_tensor * x,
                                      struct ggml_tensor * rot, int32_t neox);
 

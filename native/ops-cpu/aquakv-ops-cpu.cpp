@@ -286,11 +286,6 @@ struct lowrank_weights {
     std::vector<float> ut;
 };
 
-float weight_at(const ggml_tensor * w, int64_t i0, int64_t i1) {
-    const char * p = (const char *) w->data + i1*w->nb[1];
-    return w->type == GGML_TYPE_F16 ? ggml_fp16_to_fp32(((const ggml_fp16_t *) p)[i0]) : ((const float *) p)[i0];
-}
-
 #if defined(__GNUC__)
 // 16 floats in whatever registers the target has (one zmm, two ymm, four xmm): the compiler
 // lowers the products below to the widest FMA of the -march it builds for
@@ -308,6 +303,29 @@ constexpr int VL   = 1;
 constexpr int TILE = 4;
 #endif
 
+// row i1 of a contiguous F16/F32 weight as floats (the vectorized row conversion: the weights
+// are converted at every op call, once per thread)
+void weight_row(const ggml_tensor * w, int64_t i1, float * out) {
+    const char * p = (const char *) w->data + i1*w->nb[1];
+    if (w->type == GGML_TYPE_F16) {
+        ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) p, out, w->ne[0]);
+    } else {
+        std::memcpy(out, p, sizeof(float)*w->ne[0]);
+    }
+}
+
+// w.ut = Uᵀ [R][C] from up ne = [R, C]
+void fill_up_transposed(lowrank_weights & w, const ggml_tensor * up) {
+    w.ut.resize((size_t) w.R*w.C);
+    std::vector<float> row(w.R);
+    for (int c = 0; c < w.C; ++c) {
+        weight_row(up, c, row.data());
+        for (int r = 0; r < w.R; ++r) {
+            w.ut[(size_t) r*w.C + c] = row[r];
+        }
+    }
+}
+
 lowrank_weights make_lowrank_weights(const ggml_tensor * down, const ggml_tensor * up, int C) {
     lowrank_weights w;
     w.C    = C;
@@ -315,17 +333,14 @@ lowrank_weights make_lowrank_weights(const ggml_tensor * down, const ggml_tensor
     w.R    = (int) up->ne[0];
     w.RP   = (w.R + VL - 1)/VL*VL;
     w.dt.assign((size_t) w.C_in*w.RP, 0.0f);
+    std::vector<float> row(std::max(w.C_in, w.R));
     for (int r = 0; r < w.R; ++r) {
+        weight_row(down, r, row.data());
         for (int c = 0; c < w.C_in; ++c) {
-            w.dt[(size_t) c*w.RP + r] = weight_at(down, c, r);
+            w.dt[(size_t) c*w.RP + r] = row[c];
         }
     }
-    w.ut.resize((size_t) w.R*C);
-    for (int c = 0; c < C; ++c) {
-        for (int r = 0; r < w.R; ++r) {
-            w.ut[(size_t) r*C + c] = weight_at(up, r, c);
-        }
-    }
+    fill_up_transposed(w, up);
     return w;
 }
 
@@ -451,12 +466,7 @@ void forward_decode(const ggml_compute_params * params, ggml_tensor * dst) {
             w.C  = C;
             w.R  = (int) up->ne[0];
             w.RP = w.R;
-            w.ut.resize((size_t) w.R*C);
-            for (int c = 0; c < C; ++c) {
-                for (int r = 0; r < w.R; ++r) {
-                    w.ut[(size_t) r*C + c] = weight_at(up, r, c);
-                }
-            }
+            fill_up_transposed(w, up);
         }
     }
     const float * b = bias ? (const float *) bias->data : nullptr;
@@ -525,6 +535,13 @@ void forward_rope_f16(const ggml_compute_params * params, ggml_tensor * dst) {
     const int64_t nh = x->ne[1];
     const int64_t nt = x->ne[2];
     const int64_t half = hd/2;
+    if (rot == nullptr) {  // the plain cast
+        const int64_t n_rows = nh*nt;
+        for (int64_t r = params->ith; r < n_rows; r += params->nth) {
+            ggml_cpu_fp32_to_fp16((const float *) x->data + r*hd, (ggml_fp16_t *) dst->data + r*hd, hd);
+        }
+        return;
+    }
     std::vector<float> tmp(hd);
     for (int64_t t = params->ith; t < nt; t += params->nth) {
         const float * rt = (const float *) rot->data + t*hd;

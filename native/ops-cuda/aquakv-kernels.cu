@@ -466,6 +466,23 @@ __global__ void aquakv_window_read_kernel(const char * win, size_t win_nb1, int6
     }
 }
 
+// one float4 -> two half2 per thread (VEC), else one value
+template <bool VEC>
+__global__ void aquakv_cast_f16_kernel(const float * __restrict__ x, half * __restrict__ out, int64_t n_items) {
+    const int64_t i = (int64_t) blockIdx.x*blockDim.x + threadIdx.x;
+    if (i >= n_items) {
+        return;
+    }
+    if (VEC) {
+        const float4 v = ((const float4 *) x)[i];
+        half2 * o = (half2 *) out + 2*i;
+        o[0] = __floats2half2_rn(v.x, v.y);
+        o[1] = __floats2half2_rn(v.z, v.w);
+    } else {
+        out[i] = __float2half(x[i]);
+    }
+}
+
 } // namespace
 
 cudaError_t aquakv_cuda_encode(cudaStream_t stream, const char * resid, size_t resid_nb1, int64_t n_rows,
@@ -580,6 +597,23 @@ cudaError_t aquakv_cuda_window_read(cudaStream_t stream, const char * win, size_
                                     size_t onb1, int64_t n_rows, int n_channels) {
     aquakv_window_read_kernel<<<(unsigned) n_w, AQUAKV_BLOCK, 0, stream>>>(win, win_nb1, n_slots, win_src, win_dst, out,
                                                                           onb1, n_rows, n_channels);
+    return cudaGetLastError();
+}
+
+cudaError_t aquakv_cuda_cast_f16(cudaStream_t stream, const float * x, void * dst, int64_t n) {
+    if (n == 0) {
+        return cudaSuccess;
+    }
+    constexpr int threads = 256;
+    half * out = (half *) dst;
+    const bool vec = n % 4 == 0 && aligned(x, 16) && aligned(dst, 8);
+    const int64_t n_items = vec ? n/4 : n;
+    const dim3 blocks((unsigned) ((n_items + threads - 1)/threads));
+    if (vec) {
+        aquakv_cast_f16_kernel<true><<<blocks, threads, 0, stream>>>(x, out, n_items);
+    } else {
+        aquakv_cast_f16_kernel<false><<<blocks, threads, 0, stream>>>(x, out, n_items);
+    }
     return cudaGetLastError();
 }
 

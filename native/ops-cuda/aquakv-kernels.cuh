@@ -57,5 +57,8 @@ cudaError_t aquakv_cuda_window_read(cudaStream_t stream, const char * win, size_
 // RoPE + f16 cast (aquakv-ops.h: ggml_aquakv_rope_f16): x F32 [head_dim, n_head, n_tokens] and rot F32
 // [head_dim, n_tokens], both contiguous -> dst F16 [head_dim, n_head, n_tokens] contiguous; pairs
 // (2k, 2k+1) (neox = 0) or (k, k + head_dim/2) (neox = 1). head_dim must be even.
+// dst[0..n) = half(x[0..n)): float4 loads and 8-byte stores where aligned (the value casts)
+cudaError_t aquakv_cuda_cast_f16(cudaStream_t stream, const float * x, void * dst, int64_t n);
+
 cudaError_t aquakv_cuda_rope_f16(cudaStream_t stream, const float * x, const float * rot, void * dst, int64_t head_dim,
                                  int64_t n_head, int64_t n_tokens, int neox);

@@ -14,14 +14,23 @@ aquakv_cuda_layout make_args(const ggml_tensor * op) {
 bool rope_f16_supported(const ggml_tensor * op) {
     const ggml_tensor * x   = op->src[0];
     const ggml_tensor * rot = op->src[1];
-    return x && rot && x->type == GGML_TYPE_F32 && rot->type == GGML_TYPE_F32 && op->type == GGML_TYPE_F16 &&
-           ggml_is_contiguous(x) && ggml_is_contiguous(rot) && ggml_is_contiguous(op) && x->ne[3] == 1 &&
-           x->ne[0] % 2 == 0 && rot->ne[0] == x->ne[0] && ggml_nelements(rot) == x->ne[0]*x->ne[2] &&
-           ggml_are_same_shape(x, op);
+    if (x == nullptr || x->type != GGML_TYPE_F32 || op->type != GGML_TYPE_F16 || !ggml_is_contiguous(x) ||
+        !ggml_is_contiguous(op) || !ggml_are_same_shape(x, op)) {
+        return false;
+    }
+    if (rot == nullptr) {
+        return true;  // the plain cast
+    }
+    return rot->type == GGML_TYPE_F32 && ggml_is_contiguous(rot) && x->ne[3] == 1 && x->ne[0] % 2 == 0 &&
+           rot->ne[0] == x->ne[0] && ggml_nelements(rot) == x->ne[0]*x->ne[2];
 }
 
 void rope_f16(ggml_backend_cuda_context & ctx, ggml_tensor * dst) {
     const ggml_tensor * x = dst->src[0];
+    if (dst->src[1] == nullptr) {
+        CUDA_CHECK(aquakv_cuda_cast_f16(ctx.stream(), (const float *) x->data, dst->data, ggml_nelements(x)));
+        return;
+    }
     CUDA_CHECK(aquakv_cuda_rope_f16(ctx.stream(), (const float *) x->data, (const float *) dst->src[1]->data, dst->data,
                                     x->ne[0], x->ne[1], x->ne[2], dst->op_params[AQUAKV_P_COUNT]));
 }

@@ -128,6 +128,62 @@ extern "C" int32_t aquakv_op_decode(const uint8_t * rows, int64_t n_rows, int32_
         [&] { ggml_backend_tensor_get(res, out, 0, ggml_nbytes(res)); });
 }
 
+extern "C" int32_t aquakv_op_rope_f16(const float * x, const int32_t * pos, int64_t n_tokens, int32_t head_dim,
+                                      int32_t n_head, int32_t neox, float freq_base, int32_t n_threads, bool gpu,
+                                      bool fused, uint16_t * out) {
+    if (n_tokens <= 0 || head_dim <= 0 || head_dim % 2 != 0 || n_head <= 0) {
+        LLAMA_LOG_ERROR("aquakv: invalid RoPE op shape: head_dim %d, %d heads, %lld tokens\n", head_dim, n_head,
+                        (long long) n_tokens);
+        return -1;
+    }
+    const int mode = neox ? GGML_ROPE_TYPE_NEOX : 0;
+    ggml_tensor * xt = nullptr, * pt = nullptr, * unit = nullptr, * res = nullptr;
+    return run_op("rope", n_threads, gpu,
+        [&](ggml_context * ctx) {
+            xt = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, head_dim, n_head, n_tokens);
+            pt = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_tokens);
+            if (!fused) {  // upstream: ggml's RoPE, then the f16 cast
+                ggml_tensor * r = ggml_rope_ext(ctx, xt, pt, nullptr, head_dim, mode, 0, freq_base, 1.0f, 0.0f, 1.0f,
+                                                0.0f, 0.0f);
+                return res = ggml_cast(ctx, r, GGML_TYPE_F16);
+            }
+            // the graph's form (aquakv-graph.cpp): rotations from the RoPE of the unit pattern
+            unit = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, head_dim);
+            ggml_tensor * units = ggml_repeat_4d(ctx, unit, head_dim, 1, n_tokens, 1);
+            ggml_tensor * rot = ggml_rope_ext(ctx, units, pt, nullptr, head_dim, mode, 0, freq_base, 1.0f, 0.0f, 1.0f,
+                                              0.0f, 0.0f);
+            return res = ggml_aquakv_rope_f16(ctx, xt, ggml_reshape_2d(ctx, rot, head_dim, n_tokens), neox);
+        },
+        [&] {
+            ggml_backend_tensor_set(xt, x, 0, ggml_nbytes(xt));
+            ggml_backend_tensor_set(pt, pos, 0, ggml_nbytes(pt));
+            if (unit) {
+                std::vector<float> u(head_dim);
+                for (int32_t i = 0; i < head_dim; ++i) {
+                    u[i] = aquakv_rope_unit_pattern(i, head_dim, neox);
+                }
+                ggml_backend_tensor_set(unit, u.data(), 0, ggml_nbytes(unit));
+            }
+        },
+        [&] { ggml_backend_tensor_get(res, out, 0, ggml_nbytes(res)); });
+}
+
+extern "C" int32_t aquakv_op_cast_f16(const float * x, int64_t n_rows, int32_t n_channels, int32_t n_threads, bool gpu,
+                                      uint16_t * out) {
+    if (n_rows <= 0 || n_channels <= 0) {
+        LLAMA_LOG_ERROR("aquakv: invalid cast op shape\n");
+        return -1;
+    }
+    ggml_tensor * xt = nullptr, * res = nullptr;
+    return run_op("cast", n_threads, gpu,
+        [&](ggml_context * ctx) {
+            xt = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, n_channels, 1, n_rows);
+            return res = ggml_aquakv_rope_f16(ctx, xt, nullptr, 0);
+        },
+        [&] { ggml_backend_tensor_set(xt, x, 0, ggml_nbytes(xt)); },
+        [&] { ggml_backend_tensor_get(res, out, 0, ggml_nbytes(res)); });
+}
+
 extern "C" int32_t aquakv_context_cache_info(const llama_context * ctx, int64_t * out) {
     const auto * aq = dynamic_cast<const llama_kv_cache_aqua *>(llama_get_memory(ctx));
     if (aq == nullptr) {

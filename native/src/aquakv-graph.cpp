@@ -43,9 +43,9 @@ public:
         set(kv_pos,    plan ? &plan->kv_pos    : nullptr);
         if (rope_unit != nullptr && rope_unit->buffer != nullptr) {
             const int64_t hd = rope_unit->ne[0];
-            std::vector<float> unit((size_t) ggml_nelements(rope_unit));
-            for (size_t i = 0; i < unit.size(); ++i) {
-                unit[i] = aquakv_rope_unit_pattern((int64_t) (i % hd), hd, rope_unit_neox);
+            std::vector<float> unit((size_t) hd);
+            for (int64_t i = 0; i < hd; ++i) {
+                unit[i] = aquakv_rope_unit_pattern(i, hd, rope_unit_neox);
             }
             ggml_backend_tensor_set(rope_unit, unit.data(), 0, unit.size()*sizeof(float));
         }
@@ -83,8 +83,9 @@ public:
     ggml_tensor * k_hat_prev = nullptr;
     ggml_tensor * v_hat_prev = nullptr;
 
-    // the unit pattern F32 [head_dim, 1, ns*n_kv] (filled by set_input) and the rotations of
-    // the attended cells per RoPE (op params and frequency factors) of the graph
+    // the unit pattern F32 [head_dim] (filled by set_input; repeated over the cells in the graph,
+    // so that no per-cell input is uploaded at every step) and the rotations of the attended
+    // cells per RoPE (op params and frequency factors) of the graph
     ggml_tensor * rope_unit = nullptr;
     int32_t       rope_unit_neox = 0;
     struct rope_rotations {
@@ -104,12 +105,13 @@ public:
         GGML_ASSERT((rope_unit == nullptr || (rope_unit->ne[0] == head_dim && rope_unit_neox == neox)) &&
                     "AQUA-KV: layers with different head sizes or RoPE pairings");
         if (rope_unit == nullptr) {
-            rope_unit = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, head_dim, 1, n_cells);
+            rope_unit = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, head_dim);
             ggml_set_input(rope_unit);
             ggml_set_name(rope_unit, "aquakv_rope_unit");
             rope_unit_neox = neox;
         }
-        ggml_tensor * rot = ggml_rope_ext(ctx, rope_unit, kv_pos, k_rope->src[2], 0, 0, 0,
+        ggml_tensor * units = ggml_repeat_4d(ctx, rope_unit, head_dim, 1, n_cells, 1);
+        ggml_tensor * rot = ggml_rope_ext(ctx, units, kv_pos, k_rope->src[2], 0, 0, 0,
                                           0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f);
         std::memcpy(rot->op_params, k_rope->op_params, sizeof(k_rope->op_params));
         rope_rotations entry;
@@ -444,7 +446,7 @@ ggml_tensor * aquakv_build_attn(const llm_graph_context & gctx, llm_graph_input_
         k_att = gctx.cparams.flash_attn ? ggml_cast(ctx0, k_rope, GGML_TYPE_F16) : k_rope;
     }
     if (gctx.cparams.flash_attn) {
-        v_att = ggml_cast(ctx0, v_hat, GGML_TYPE_F16);
+        v_att = ggml_aquakv_rope_f16(ctx0, ggml_reshape_3d(ctx0, v_hat, head_dim, n_head_kv, n_kv*ns), nullptr, 0);
     }
     ggml_tensor * k = ggml_reshape_4d(ctx0, k_att, head_dim, n_head_kv, n_kv, ns);
     ggml_tensor * v = ggml_reshape_4d(ctx0, v_att, head_dim, n_head_kv, n_kv, ns);

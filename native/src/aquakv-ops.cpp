@@ -135,9 +135,11 @@ extern "C" ggml_tensor * ggml_aquakv_reconstruct_lowrank(ggml_context * ctx, ggm
 
 extern "C" ggml_tensor * ggml_aquakv_rope_f16(ggml_context * ctx, ggml_tensor * x, ggml_tensor * rot, int32_t neox) {
     GGML_ASSERT(x->type == GGML_TYPE_F32 && ggml_is_contiguous(x) && ggml_n_dims(x) <= 3);
-    GGML_ASSERT(rot->type == GGML_TYPE_F32 && ggml_is_contiguous(rot));
-    GGML_ASSERT(x->ne[0] % 2 == 0 && rot->ne[0] == x->ne[0] && ggml_nelements(rot) == x->ne[0]*x->ne[2] &&
-                "AQUA-KV RoPE table does not match the keys");
+    if (rot) {
+        GGML_ASSERT(rot->type == GGML_TYPE_F32 && ggml_is_contiguous(rot));
+        GGML_ASSERT(x->ne[0] % 2 == 0 && rot->ne[0] == x->ne[0] && ggml_nelements(rot) == x->ne[0]*x->ne[2] &&
+                    "AQUA-KV RoPE table does not match the keys");
+    }
     ggml_tensor * result = ggml_new_tensor_3d(ctx, GGML_TYPE_F16, x->ne[0], x->ne[1], x->ne[2]);
     result->op = GGML_OP_AQUAKV_DECODE;
     const int32_t p[AQUAKV_P_COUNT] = { 0, 0, 0, 0, 0, AQUAKV_READ_ROPE_F16 };

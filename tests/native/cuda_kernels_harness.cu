@@ -270,6 +270,48 @@ void run_rope(const char * name, int hd, int nh, int64_t nt, bool neox, int offs
     }
 }
 
+// the value cast (ggml_aquakv_rope_f16 without a rotation) against __float2half on the host
+void run_cast(const char * name, int64_t n, int offset, bool timed, int reps, uint64_t seed) {
+    rng g(seed);
+    std::vector<float> x((size_t) n);
+    for (auto & v : x) v = 4.0f*g.normal();
+    std::vector<__half> want((size_t) n), got((size_t) n);
+    for (int64_t i = 0; i < n; ++i) {
+        want[i] = __float2half(x[i]);
+    }
+    dev_buf<float> d_x((size_t) n + 4);
+    dev_buf<__half> d_out((size_t) n + 4);
+    float * xp = d_x.p + offset;
+    __half * op = d_out.p + offset;
+    CHECK(cudaMemcpy(xp, x.data(), sizeof(float)*n, cudaMemcpyHostToDevice));
+    CHECK(cudaMemset(op, 0xFF, sizeof(__half)*n));
+    CHECK(aquakv_cuda_cast_f16(0, xp, op, n));
+    CHECK(cudaDeviceSynchronize());
+    CHECK(cudaMemcpy(got.data(), op, sizeof(__half)*n, cudaMemcpyDeviceToHost));
+    int64_t n_diff = 0;
+    for (int64_t i = 0; i < n; ++i) {
+        n_diff += std::memcmp(&want[i], &got[i], sizeof(__half)) != 0;
+    }
+    const bool ok = n_diff == 0;
+    n_failed += !ok;
+    std::printf("cast   %-28s n=%10lld values differing %lld %s\n", name, (long long) n, (long long) n_diff, ok ? "OK" : "MISMATCH");
+    if (timed) {
+        cudaEvent_t e0, e1;
+        CHECK(cudaEventCreate(&e0));
+        CHECK(cudaEventCreate(&e1));
+        CHECK(cudaEventRecord(e0));
+        for (int i = 0; i < reps; ++i) {
+            CHECK(aquakv_cuda_cast_f16(0, xp, op, n));
+        }
+        CHECK(cudaEventRecord(e1));
+        CHECK(cudaEventSynchronize(e1));
+        float ms = 0.0f;
+        CHECK(cudaEventElapsedTime(&ms, e0, e1));
+        const double s = ms*1e-3/reps;
+        std::printf("    %8.1f us  %7.1f GB/s\n", s*1e6, (double) n*(sizeof(float) + sizeof(__half))/s*1e-9);
+    }
+}
+
 } // namespace
 
 int main(int argc, char ** argv) {
@@ -327,6 +369,9 @@ int main(int argc, char ** argv) {
     run_rope("unaligned buffers", 64, 2,   333, false, 1, false, reps, seed++);
     run_rope("head_dim 6",         6, 2,   333, true,  0, false, reps, seed++);
     run_rope("head_dim 6",         6, 2,   333, false, 0, false, reps, seed++);
+
+    run_cast("8B values, 32K cells", (int64_t) 1024*32768, 0, true,  reps, seed++);
+    run_cast("odd length, unaligned",  1000003,            1, false, reps, seed++);
 
     std::printf("%s: %d case(s) failed\n", n_failed ? "FAILED" : "all passed", n_failed);
     return n_failed ? 1 : 0;

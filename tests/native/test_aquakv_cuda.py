@@ -17,7 +17,7 @@ from aquakv_gguf.eval.native_perplexity import log_softmax, window_logits
 from aquakv_gguf.paths import tool_path
 from aquakv_gguf.quant import bits_per_code, gaussian_grid
 from aquakv_gguf.runtime import Model, supports_gpu_offload
-from aquakv_gguf.runtime.ops import decode_rows, encode_rows, split_rows
+from aquakv_gguf.runtime.ops import cast_f16, decode_rows, encode_rows, rope_f16, split_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 needs_cuda = pytest.mark.skipif(not supports_gpu_offload(), reason="needs a CUDA build and a GPU")
@@ -38,6 +38,22 @@ def sample(n_rows: int, n_channels: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     scale = np.exp(rng.uniform(-3, 3, size=(n_rows, 1)))
     return (rng.standard_normal((n_rows, n_channels)) * scale).astype(np.float32)
+
+
+@needs_cuda
+@pytest.mark.parametrize("neox", [False, True])
+def test_cuda_rope_and_cast_match_the_cpu(neox):
+    """The fused RoPE + f16 op and the value cast: CUDA rounds each product and sum on its own, the
+    CPU kernel may contract one into an FMA, so f16 results may differ by one ulp on a few values."""
+    rng = np.random.default_rng(int(neox))
+    x = rng.standard_normal((4097, 8, 128)).astype(np.float32)
+    pos = rng.integers(0, 32768, 4097).astype(np.int32)
+    cpu = rope_f16(x, pos, neox=neox, freq_base=500000.0).astype(np.float32)
+    gpu = rope_f16(x, pos, neox=neox, freq_base=500000.0, gpu=True).astype(np.float32)
+    close = np.isclose(gpu, cpu, rtol=2e-3, atol=1e-6)
+    assert close.all() and np.mean(gpu == cpu) >= 0.999
+    v = x.reshape(-1, 1024)
+    np.testing.assert_array_equal(cast_f16(v, gpu=True).view(np.uint16), v.astype(np.float16).view(np.uint16))
 
 
 @needs_cuda
