@@ -446,7 +446,9 @@ ggml_tensor * aquakv_build_attn(const llm_graph_context & gctx, llm_graph_input_
         k_att = gctx.cparams.flash_attn ? ggml_cast(ctx0, k_rope, GGML_TYPE_F16) : k_rope;
     }
     if (gctx.cparams.flash_attn) {
-        v_att = ggml_aquakv_rope_f16(ctx0, ggml_reshape_3d(ctx0, v_hat, head_dim, n_head_kv, n_kv*ns), nullptr, 0);
+        // ggml's cast; ggml_aquakv_rope_f16 without rotation is the faster value cast on CUDA
+        // (docs/PERF.md V8), to be switched on with its end-to-end GPU measurement
+        v_att = ggml_cast(ctx0, v_hat, GGML_TYPE_F16);
     }
     ggml_tensor * k = ggml_reshape_4d(ctx0, k_att, head_dim, n_head_kv, n_kv, ns);
     ggml_tensor * v = ggml_reshape_4d(ctx0, v_att, head_dim, n_head_kv, n_kv, ns);

@@ -28,8 +28,9 @@ def calib_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def from_gguf(tiny_llama_gguf: Path, calib_file: Path, tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("conv_gguf") / "tiny.aqua.gguf"
+    # dense: these tests check the written [C, C] weights and their channel order
     summary = convert(tiny_llama_gguf, out, bits=2, calib_tokens=1024, calib_seq_len=128, calib_text=calib_file,
-                      progress=False)
+                      predictor_form="dense", progress=False)
     return summary, out
 
 
@@ -94,7 +95,7 @@ def test_hf_input_matches_the_gguf_path(tiny_llama_hf: Path, tiny_llama_gguf: Pa
     out = tmp_path / "hf.aqua.gguf"
     out.write_bytes(b"old")
     rc = main([str(tiny_llama_hf), "--out", str(out), "--outtype", "f32", "--calib-text", str(calib_file),
-               "--force", "--also", f"3:{tmp_path / 'hf3.aqua.gguf'}", *SMALL])
+               "--force", "--predictor", "dense", "--also", f"3:{tmp_path / 'hf3.aqua.gguf'}", *SMALL])
     assert rc == 0, capsys.readouterr().err
     printed = capsys.readouterr().out
     assert "wrote" in printed and "also wrote" in printed
@@ -112,6 +113,13 @@ def test_hf_input_matches_the_gguf_path(tiny_llama_hf: Path, tiny_llama_gguf: Pa
     twice = gg.with_channel_order("hf", permutes_qk=True).predictors[1].k_weight.astype(np.float32)
     assert not np.allclose(hf.predictors[1].k_weight.astype(np.float32), twice, atol=2e-3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf.aqua.gguf", "hf3.aqua.gguf"]
+
+
+def test_default_predictor_is_the_fast_form_clamped_to_the_model():
+    from aquakv_gguf.convert import DEFAULT_PREDICTOR, default_predictor, parse_predictor
+    assert parse_predictor(DEFAULT_PREDICTOR) == ("lowrank", 32, 64)
+    assert default_predictor(192) == ("lowrank", 32, 64)
+    assert default_predictor(48) == ("lowrank", 32, 48)
 
 
 def run_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
