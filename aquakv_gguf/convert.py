@@ -258,8 +258,8 @@ def summary_bits_per_value(params: AquaKVParams, n_tokens: int) -> float:
 
 
 # The converter's predictor form when none is asked for: the fastest form measured to meet the
-# quality bar (docs/RESULTS.md, cpu-cache: mean KLD 0.28x q4_0's, PPL +0.62% on SmolLM2; dense
-# 0.20x / +0.49% decodes 2-3x slower). Ranks above a model's C are clamped to C.
+# quality bar (docs/RESULTS.md, cpu-cache: mean KLD 0.28x q4_0's, PPL +0.92% on SmolLM2; dense
+# 0.20x / +0.49% decodes 2.8x slower on the CPU). Ranks above a model's C are clamped to C.
 DEFAULT_PREDICTOR = "lowrank:32,64"
 
 
