@@ -105,17 +105,15 @@ struct ggml_tensor * ggml_aquakv_decode(struct ggml_context * ctx, struct ggml_t
 // The fused read path of one layer and side (the same op, more sources): output row r of
 // F32 [C, n, m] (r = i1 + n*i2) is
 //   window row win[win_src[j]]                      when win_dst[j] = r for some j, else
-//   decode(codes row) + prediction_r + bias
-// where prediction_r = pred[:, r] (pred F32 [C, n*m]) or, with `up` (F16/F32 ne = [R, C]),
-// up · pred[:, r] with pred F32 [R, n*m] (a low-rank predictor's inner vector; computed in the
-// kernel, so the [C, n*m] prediction never goes through memory). Any of pred / up / bias / the
-// window (win F16 [C, n_slots], win_src, win_dst I32 [n_w]) may be NULL.
-//   src: 0 codes, 1 grid, 2 pred, 3 bias, 4 win, 5 win_src, 6 win_dst, 7 up
+//   decode(codes row) + pred[:, r] + bias
+// with pred F32 [C, n*m]. Any of pred / bias / the window (win F16 [C, n_slots], win_src,
+// win_dst I32 [n_w]) may be NULL.
+//   src: 0 codes, 1 grid, 2 pred, 3 bias, 4 win, 5 win_src, 6 win_dst
 struct ggml_tensor * ggml_aquakv_reconstruct(struct ggml_context * ctx, struct ggml_tensor * codes,
                                         struct ggml_tensor * grid, int32_t n_channels, int32_t group_size,
-                                        struct ggml_tensor * pred, struct ggml_tensor * up,
-                                        struct ggml_tensor * bias, struct ggml_tensor * win,
-                                        struct ggml_tensor * win_src, struct ggml_tensor * win_dst);
+                                        struct ggml_tensor * pred, struct ggml_tensor * bias,
+                                        struct ggml_tensor * win, struct ggml_tensor * win_src,
+                                        struct ggml_tensor * win_dst);
 
 // The low-rank read path with its whole prediction in the op: output row r is
 //   window row (as in ggml_aquakv_reconstruct), else

@@ -314,18 +314,6 @@ void weight_row(const ggml_tensor * w, int64_t i1, float * out) {
     }
 }
 
-// w.ut = Uᵀ [R][C] from up ne = [R, C]
-void fill_up_transposed(lowrank_weights & w, const ggml_tensor * up) {
-    w.ut.resize((size_t) w.R*w.C);
-    std::vector<float> row(w.R);
-    for (int c = 0; c < w.C; ++c) {
-        weight_row(up, c, row.data());
-        for (int r = 0; r < w.R; ++r) {
-            w.ut[(size_t) r*w.C + c] = row[r];
-        }
-    }
-}
-
 lowrank_weights make_lowrank_weights(const ggml_tensor * down, const ggml_tensor * up, int C) {
     lowrank_weights w;
     w.C    = C;
@@ -340,7 +328,13 @@ lowrank_weights make_lowrank_weights(const ggml_tensor * down, const ggml_tensor
             w.dt[(size_t) c*w.RP + r] = row[c];
         }
     }
-    fill_up_transposed(w, up);
+    w.ut.resize((size_t) w.R*C);
+    for (int c = 0; c < C; ++c) {
+        weight_row(up, c, row.data());
+        for (int r = 0; r < w.R; ++r) {
+            w.ut[(size_t) r*C + c] = row[r];
+        }
+    }
     return w;
 }
 
@@ -456,19 +450,10 @@ void forward_decode(const ggml_compute_params * params, ggml_tensor * dst) {
             }
         }
     }
-    // with `down` the inner vectors are computed here; without it `pred` holds them (or the
-    // whole prediction when there is no `up` either)
-    lowrank_weights w;
-    if (up) {
-        if (down) {
-            w = make_lowrank_weights(down, up, C);
-        } else {
-            w.C  = C;
-            w.R  = (int) up->ne[0];
-            w.RP = w.R;
-            fill_up_transposed(w, up);
-        }
-    }
+    // with `down` (and `up`) the whole low-rank prediction is computed here; without it `pred`
+    // is the prediction
+    GGML_ASSERT((up == nullptr) == (down == nullptr) && "AQUA-KV low-rank read needs both projections");
+    const lowrank_weights w = down ? make_lowrank_weights(down, up, C) : lowrank_weights{};
     const float * b = bias ? (const float *) bias->data : nullptr;
     auto row_of = [](const ggml_tensor * t, int64_t r) { return (const float *) ((const char *) t->data + r*t->nb[1]); };
 
@@ -485,24 +470,17 @@ void forward_decode(const ggml_compute_params * params, ggml_tensor * dst) {
             const int64_t i3 = r / (n*codes->ne[2]);
             out[t] = (float *) ((char *) dst->data + i1*dst->nb[1] + i2*dst->nb[2] + i3*dst->nb[3]);
             const uint8_t * row = (const uint8_t *) codes->data + i1*codes->nb[1] + i2*codes->nb[2] + i3*codes->nb[3];
-            // window rows are decoded too (their codes are stale or zero) and overwritten below:
-            // a tile keeps its shape
-            decode_row(l, grid, bt, row, out[t]);
+            // a window row is not decoded (its codes are stale or zero); the tile's products still
+            // run over it (rows are independent) and the window row overwrites the result below
+            if (slot[r - r0] < 0) {
+                decode_row(l, grid, bt, row, out[t]);
+            }
             x0[t] = pred ? row_of(pred, r) : nullptr;
             x1[t] = in1 ? row_of(in1, r) : nullptr;
         }
-        if (up) {
-            const float * zt = nullptr;
-            if (down) {
-                down_products(w, x0, in1 ? x1 : nullptr, nt, z.data());
-                zt = z.data();
-            } else {
-                for (int t = 0; t < nt; ++t) {
-                    std::memcpy(z.data() + (size_t) t*w.RP, x0[t], sizeof(float)*w.R);
-                }
-                zt = z.data();
-            }
-            up_products(w, zt, b, out, nt);
+        if (down) {
+            down_products(w, x0, in1 ? x1 : nullptr, nt, z.data());
+            up_products(w, z.data(), b, out, nt);
         } else {
             for (int t = 0; t < nt; ++t) {
                 if (pred) {

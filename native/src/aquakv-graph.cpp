@@ -227,11 +227,10 @@ ggml_tensor * aquakv_predictor_product(ggml_context * ctx, ggml_tensor * w, ggml
 
 // what the reconstruct op adds to the decoded residuals of every attended cell
 struct aquakv_read_prediction {
-    ggml_tensor * pred = nullptr;  // F32 [C, cells], the inner vectors [R, cells] when `up` is set,
-                                   // or the predictor input in0 when `down` is set
-    ggml_tensor * up   = nullptr;  // the stored up-projection, applied inside the op (host memory only)
+    ggml_tensor * pred = nullptr;  // F32 [C, cells], or the predictor input in0 when `down` is set
+    ggml_tensor * up   = nullptr;  // with `down`: the whole low-rank prediction U·(D·x) inside the op
     ggml_tensor * bias = nullptr;  // [C]
-    ggml_tensor * down = nullptr;  // [C_in, R]: the whole low-rank prediction inside the op
+    ggml_tensor * down = nullptr;  // [C_in, R] (host memory only)
     ggml_tensor * in1  = nullptr;  // the second predictor input (values: V̂_{l-1})
 };
 
@@ -349,7 +348,7 @@ ggml_tensor * aquakv_build_attn(const llm_graph_context & gctx, llm_graph_input_
         ggml_tensor * x_hat = ggml_reshape_2d(ctx0,
             rp.down ? ggml_aquakv_reconstruct_lowrank(ctx0, codes_view, grid, (int32_t) C, G, rp.pred, rp.in1, rp.down,
                                                       rp.up, rp.bias, win_r, ai->wread_src, ai->wread_dst)
-                    : ggml_aquakv_reconstruct(ctx0, codes_view, grid, (int32_t) C, G, rp.pred, rp.up, rp.bias,
+                    : ggml_aquakv_reconstruct(ctx0, codes_view, grid, (int32_t) C, G, rp.pred, rp.bias,
                                               win_r, ai->wread_src, ai->wread_dst),
             C, n_kv*ns);
         return x_hat;  // F32 [C, ns*n_kv]
@@ -376,7 +375,7 @@ ggml_tensor * aquakv_build_attn(const llm_graph_context & gctx, llm_graph_input_
         const bool in_op = il > 0 && P.k_up->buffer != nullptr && ggml_backend_buffer_is_host(P.k_up->buffer);
         ggml_tensor * v_dn_kv = in_op ? ggml_concat(ctx0, v_dnk, v_dnv, 0) : nullptr;  // [2C, R_v]
         auto read_lowrank = [&](ggml_tensor * z, ggml_tensor * up_w, ggml_tensor * b) {
-            return aquakv_read_prediction{ ggml_mul_mat(ctx0, up_w, z), nullptr, b };
+            return aquakv_read_prediction{ ggml_mul_mat(ctx0, up_w, z), nullptr, b };  // p = U·z: a product
         };
         k_hat = store_and_read(k_new, k_storage, cache->win_k(il),
             [&](ggml_tensor * rows) {

@@ -73,19 +73,13 @@ extern "C" ggml_tensor * ggml_aquakv_decode(ggml_context * ctx, ggml_tensor * co
 
 extern "C" ggml_tensor * ggml_aquakv_reconstruct(ggml_context * ctx, ggml_tensor * codes, ggml_tensor * grid,
                                             int32_t n_channels, int32_t group_size, ggml_tensor * pred,
-                                            ggml_tensor * up, ggml_tensor * bias, ggml_tensor * win,
-                                            ggml_tensor * win_src, ggml_tensor * win_dst) {
+                                            ggml_tensor * bias, ggml_tensor * win, ggml_tensor * win_src,
+                                            ggml_tensor * win_dst) {
     ggml_tensor * result = ggml_aquakv_decode(ctx, codes, grid, n_channels, group_size);
     const int64_t n_rows = codes->ne[1]*codes->ne[2]*codes->ne[3];
     if (pred) {
-        const int64_t width = up ? up->ne[0] : n_channels;
         GGML_ASSERT(pred->type == GGML_TYPE_F32 && pred->nb[0] == sizeof(float) && ggml_n_dims(pred) <= 2);
-        GGML_ASSERT(pred->ne[0] == width && pred->ne[1] == n_rows && "AQUA-KV prediction does not match the rows");
-    }
-    if (up) {
-        GGML_ASSERT(pred && "an up-projection needs its inner vectors");
-        GGML_ASSERT((up->type == GGML_TYPE_F16 || up->type == GGML_TYPE_F32) && ggml_is_contiguous(up));
-        GGML_ASSERT(up->ne[1] == n_channels && ggml_n_dims(up) <= 2);
+        GGML_ASSERT(pred->ne[0] == n_channels && pred->ne[1] == n_rows && "AQUA-KV prediction does not match the rows");
     }
     if (bias) {
         GGML_ASSERT(bias->type == GGML_TYPE_F32 && ggml_is_contiguous(bias) && ggml_nelements(bias) == n_channels);
@@ -101,7 +95,6 @@ extern "C" ggml_tensor * ggml_aquakv_reconstruct(ggml_context * ctx, ggml_tensor
     result->src[4] = win;
     result->src[5] = win ? win_src : nullptr;
     result->src[6] = win ? win_dst : nullptr;
-    result->src[7] = up;
     return result;
 }
 
@@ -111,7 +104,7 @@ extern "C" ggml_tensor * ggml_aquakv_reconstruct_lowrank(ggml_context * ctx, ggm
                                                     ggml_tensor * bias, ggml_tensor * win, ggml_tensor * win_src,
                                                     ggml_tensor * win_dst) {
     GGML_ASSERT(in0 && down && up && "the low-rank read needs its input, down- and up-projections");
-    ggml_tensor * result = ggml_aquakv_reconstruct(ctx, codes, grid, n_channels, group_size, nullptr, nullptr,
+    ggml_tensor * result = ggml_aquakv_reconstruct(ctx, codes, grid, n_channels, group_size, nullptr,
                                                    bias, win, win_src, win_dst);
     const int64_t n_rows = codes->ne[1]*codes->ne[2]*codes->ne[3];
     for (ggml_tensor * in : { in0, in1 }) {
