@@ -52,6 +52,7 @@ from aquakv_gguf.gguf_io import (
     AquaKVParams,
     ModelDims,
     check_predictor_form,
+    check_value_input,
     open_gguf,
     read_aqua_gguf,
     read_model_dims,
@@ -286,7 +287,7 @@ def convert(model: str | os.PathLike[str], out: str | os.PathLike[str], *, bits:
             calib_seq_len: int | None = None, seed: int = 0, device: str = "cpu", force: bool = False,
             outtype: str = "f16", also: dict[int, str | os.PathLike[str]] | None = None,
             prefix_tokens: int = 4, recent_tokens: int = 128, predictor_block: int | None = None,
-            predictor_form: str | None = None, rank_k: int = 0, rank_v: int = 0,
+            predictor_form: str | None = None, rank_k: int = 0, rank_v: int = 0, value_input: str = "v_prev",
             progress: bool = True) -> ConvertSummary:
     """Calibrate ``model`` and write ``out``; raises ConvertError/CalibrationError/AquaKVFormatError.
 
@@ -295,7 +296,9 @@ def convert(model: str | os.PathLike[str], out: str | os.PathLike[str], *, bits:
     fits block-diagonal predictors with ``[N, N]`` blocks (typically N = head_dim: one block
     per KV head); None is dense.  ``predictor_form="lowrank"`` with ``rank_k``/``rank_v``
     (1..C) fits low-rank predictors (not combinable with ``predictor_block``); None is
-    DEFAULT_PREDICTOR, or dense when ``predictor_block`` is given.
+    DEFAULT_PREDICTOR, or dense when ``predictor_block`` is given.  ``value_input`` "k_prev"
+    predicts values from ``[k̂_l; k̂_{l-1}]`` instead of ``[k̂_l; v̂_{l-1}]`` (no value chain; the
+    cache then folds the value predictor onto the attention output).
     """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -347,6 +350,7 @@ def convert(model: str | os.PathLike[str], out: str | os.PathLike[str], *, bits:
             predictor_form, rank_k, rank_v = ("dense", 0, 0) if predictor_block is not None else default_predictor(c)
         try:
             check_predictor_form(predictor_form, rank_k, rank_v, c, 0 if block == c else block)
+            check_value_input(value_input)
         except ValueError as exc:
             raise ConvertError(f"--predictor: {exc}") from exc
         if kind == "gguf":
@@ -396,7 +400,8 @@ def convert(model: str | os.PathLike[str], out: str | os.PathLike[str], *, bits:
         result: CalibrationResult = calibrate(
             hf_model, recipe, seqs.input_ids, seqs.heldout, bits=tuple(outputs), group_size=group, device=device,
             prefix_tokens=prefix_tokens, recent_tokens=recent_tokens, predictor_block=predictor_block,
-            predictor_form=predictor_form, rank_k=rank_k, rank_v=rank_v, calibration_meta=meta, progress=progress)
+            predictor_form=predictor_form, rank_k=rank_k, rank_v=rank_v, value_input=value_input,
+            calibration_meta=meta, progress=progress)
         timings["calibrate"] = result.seconds
         for phase in ("capture", "fit", "quantize"):
             timings[f"calibrate.{phase}"] = result.timings[phase]
@@ -505,6 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="predictor form: dense (best quality, slowest decode), lowrank:R (keys and values "
                          "rank R) or lowrank:RK,RV (1 <= R <= C; not with --predictor-block). "
                          f"Default: {DEFAULT_PREDICTOR} (ranks clamped to C), dense with --predictor-block")
+    ap.add_argument("--value-input", default="v_prev", choices=("v_prev", "k_prev"),
+                    help="the value predictor's second input: v_prev = the previous layer's values (the paper's "
+                         "chain), k_prev = its keys (no value chain: the cache applies the value predictor to the "
+                         "attention output instead of every cell; default v_prev)")
     ap.add_argument("--outtype", default="f16", help="weight type when converting a Hugging Face folder (default f16)")
     ap.add_argument("--also", action="append", default=[], metavar="BITS:PATH",
                     help="also write the predictors fitted for BITS to PATH, sharing the pass over the model "
@@ -537,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                           seed=args.seed, device=args.device, force=args.force, outtype=args.outtype,
                           also=also, prefix_tokens=args.prefix_tokens, recent_tokens=args.recent_tokens,
                           predictor_block=args.predictor_block, predictor_form=predictor_form, rank_k=rank_k,
-                          rank_v=rank_v, progress=not args.quiet)
+                          rank_v=rank_v, value_input=args.value_input, progress=not args.quiet)
     except (ConvertError, CalibrationError, AquaKVFormatError, AssetError) as exc:
         print(f"error: {_first_line(exc)}", file=sys.stderr)
         return 2

@@ -4,7 +4,9 @@ Layer 0: ``k̂_0 = Q₀(k_0)``, ``v̂_0 = Q₀(v_0)`` with the 4-bit grid.
 Layer l >= 1: ``p = A_l k̂_{l-1} + a_l``, ``k̂_l = p + Q(k_l − p)``;
 ``q = B_K k̂_l + B_V v̂_{l-1} + b_l``, ``v̂_l = q + Q(v_l − q)``.  Low-rank predictors
 (``predictor_form="lowrank"``) replace each weight by factors: ``p = U_k (D_k k̂_{l-1}) + a_l``,
-``q = U_v (D_vk k̂_l + D_vv v̂_{l-1}) + b_l``.
+``q = U_v (D_vk k̂_l + D_vv v̂_{l-1}) + b_l``.  With ``value_input="k_prev"`` the second value
+input is k̂_{l-1} instead of v̂_{l-1}: values then have no chain of their own, which lets the
+cache fold the value predictor onto the attention output (DESIGN §3).
 
 The predictor inputs are the reconstructions, exactly as inference computes them (including the
 f16 rounding of the stored weights), so the fit sees the same inputs the cache will give it.
@@ -35,7 +37,9 @@ from aquakv_gguf.gguf_io.params import (
     LayerPredictor,
     LowRankFactors,
     PredictorForm,
+    ValueInput,
     check_predictor_form,
+    check_value_input,
 )
 from aquakv_gguf.reference.semantics import predict_keys_lowrank, predict_values_lowrank
 
@@ -215,8 +219,8 @@ def calibrate(model: nn.Module, recipe: Recipe, input_ids: torch.Tensor, heldout
               recent_tokens: int = 128, reg: float | None = None, batch_size: int | None = None,
               device: torch.device | str = "cpu", weight_dtype: torch.dtype = torch.float16,
               predictor_block: int | None = None, predictor_form: PredictorForm = "dense", rank_k: int = 0,
-              rank_v: int = 0, calibration_meta: dict[str, Any] | None = None,
-              progress: bool = True) -> CalibrationResult:
+              rank_v: int = 0, value_input: ValueInput = "v_prev",
+              calibration_meta: dict[str, Any] | None = None, progress: bool = True) -> CalibrationResult:
     """Capture K/V layer by layer and fit the chained predictors for every bit width in ``bits``.
 
     input_ids: ``[n_seq, seq_len]``; heldout: ``[n_seq]`` bool.  ``group_size`` defaults to
@@ -225,7 +229,8 @@ def calibrate(model: nn.Module, recipe: Recipe, input_ids: torch.Tensor, heldout
     permutation) makes every predictor weight block-diagonal with ``[N, N]`` blocks; None or C
     is dense.  ``predictor_form="lowrank"`` with ``rank_k``/``rank_v`` (1..C) fits low-rank
     predictors instead (reduced-rank regression of the ridge solution, see ``_reduce_rank``);
-    it does not combine with ``predictor_block``.  The model must already be on ``device``.
+    it does not combine with ``predictor_block``.  ``value_input`` ("v_prev" or "k_prev") is the
+    value predictor's second input, v̂_{l-1} or k̂_{l-1}.  The model must already be on ``device``.
 
     Rows: each sequence's first ``prefix_tokens`` tokens are f16 sinks at inference at every
     layer, so they are neither fitted, scored nor used as predictor inputs: the runner drops
@@ -247,6 +252,7 @@ def calibrate(model: nn.Module, recipe: Recipe, input_ids: torch.Tensor, heldout
     block = check_predictor_block(predictor_block, n_kv, head_dim, permutes)
     check_predictor_form(predictor_form, rank_k, rank_v, c, block)  # dense: both ranks 0
     ranks = (rank_k, rank_v) if predictor_form == "lowrank" else None
+    check_value_input(value_input)
     n_seq, seq_len = input_ids.shape
     if seq_len <= prefix_tokens:
         raise CalibrationTextError(f"calibration sequences of {seq_len} tokens leave nothing after {prefix_tokens} sinks")
@@ -306,7 +312,8 @@ def calibrate(model: nn.Module, recipe: Recipe, input_ids: torch.Tensor, heldout
                 ch.predictors.append(None)
             else:
                 k_hat, v_hat, k_pred_err, v_pred_err = _fit_layer(
-                    ch, k, v, k_mean, v_mean, n_train, reg, weight_dtype, k_blocks, v_blocks, ranks, timings)
+                    ch, k, v, k_mean, v_mean, n_train, reg, weight_dtype, k_blocks, v_blocks, ranks, value_input,
+                    timings)
             t1 = time.perf_counter()
             # HIGGS without predictors, for comparison: on the held-out rows only (that is all it reports).
             k_higgs = _rel(k_held, ch.qk(k_held))
@@ -340,7 +347,7 @@ def calibrate(model: nn.Module, recipe: Recipe, input_ids: torch.Tensor, heldout
             grid=ch.grid, grid0=grid0, group_size=group, prefix_tokens=prefix_tokens, recent_tokens=recent_tokens,
             n_layers=n_layers, n_kv_heads=n_kv, head_dim=head_dim, predictors=ch.predictors, channel_order="hf",
             calibration=meta, predictor_block_size=0 if block == c else block, predictor_form=predictor_form,
-            predictor_rank_k=rank_k, predictor_rank_v=rank_v)
+            predictor_rank_k=rank_k, predictor_rank_v=rank_v, predictor_value_input=value_input)
         reports[ch.bits] = ch.reports
     timings["total"] = seconds
     log.info("calibrated %d layers on %d train / %d held-out tokens in %.1f s (capture %.1f s, fit %.1f s, "
@@ -403,7 +410,8 @@ def _lowrank_bias(u: torch.Tensor, d: torch.Tensor, x_mean: torch.Tensor, y_mean
 
 def _fit_layer(ch: _Chain, k: torch.Tensor, v: torch.Tensor, k_mean: torch.Tensor, v_mean: torch.Tensor,
                n_train: int, reg: float, weight_dtype: torch.dtype, k_blocks, v_blocks,
-               ranks: tuple[int, int] | None, timings: dict[str, float]) -> tuple[_Stats, _Stats, float, float]:
+               ranks: tuple[int, int] | None, value_input: ValueInput, timings: dict[str, float]
+               ) -> tuple[_Stats, _Stats, float, float]:
     """One layer l >= 1 of one chain: returns ``(k̂_l, v̂_l, key pred relMSE, value pred relMSE)``.
 
     k, v: ``[N, C]`` this layer's keys and values (training rows first), k_mean/v_mean their
@@ -412,9 +420,11 @@ def _fit_layer(ch: _Chain, k: torch.Tensor, v: torch.Tensor, k_mean: torch.Tenso
     training rows (k̂_{l-1}ᵀk, k̂_lᵀk̂_l, k̂_lᵀv̂_{l-1}, k̂_lᵀv, v̂_{l-1}ᵀv) plus v̂_l's Gram matrix.
     ranks ``(R_k, R_v)``: low-rank predictors, reduced from the ridge solutions; the chain then
     predicts with the rounded factors in the format's order (reference.semantics), as inference does.
+    value_input "k_prev": the value predictor's second input (``vp`` below) is k̂_{l-1}.
     """
     c = k.shape[1]
-    kp, vp = ch.k_prev, ch.v_prev
+    kp = ch.k_prev
+    vp = kp if value_input == "k_prev" else ch.v_prev
     t0 = time.perf_counter()
     (sxy,) = _centred_products([(kp.xc, k[:n_train])])
     a_w, a_b = solve_ridge(kp.gram, sxy, kp.mean, k_mean, reg, k_blocks)

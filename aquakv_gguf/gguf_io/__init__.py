@@ -19,6 +19,7 @@ from .params import (
     LayerPredictor,
     LowRankFactors,
     check_predictor_form,
+    check_value_input,
     llama_cpp_key_permutation,
     permute_predictor,
 )
@@ -37,6 +38,7 @@ __all__ = [
     "aquakv_metadata",
     "aquakv_tensors",
     "check_predictor_form",
+    "check_value_input",
     "has_aquakv",
     "llama_cpp_key_permutation",
     "open_gguf",

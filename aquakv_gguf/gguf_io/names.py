@@ -21,6 +21,12 @@ KEY_PREDICTOR_RANK_V = "aquakv.predictor.rank_v"
 FORM_DENSE = "dense"
 FORM_LOWRANK = "lowrank"
 PREDICTOR_FORMS = (FORM_DENSE, FORM_LOWRANK)
+# string, one of VALUE_INPUTS: the value predictor's second input (B_V / D_vv multiply it);
+# absent (files written before it existed) means "v_prev"
+KEY_PREDICTOR_VALUE_INPUT = "aquakv.predictor.value_input"
+VALUE_INPUT_V_PREV = "v_prev"  # v̂_{l-1}: the paper's chain
+VALUE_INPUT_K_PREV = "k_prev"  # k̂_{l-1}: values have no chain, the cache may fold them onto the attention output
+VALUE_INPUTS = (VALUE_INPUT_V_PREV, VALUE_INPUT_K_PREV)
 CALIBRATION_PREFIX = "aquakv.calibration."
 
 TENSOR_GRID = "aquakv.grid"

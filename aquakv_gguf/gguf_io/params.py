@@ -19,6 +19,8 @@ from . import names
 
 ChannelOrder = Literal["hf", "llama.cpp"]
 PredictorForm = Literal["dense", "lowrank"]
+# the value predictor's second input: the previous layer's values (the paper's chain) or keys
+ValueInput = Literal["v_prev", "k_prev"]
 
 
 @dataclass
@@ -129,6 +131,10 @@ class AquaKVParams:
     ``LayerPredictor.factors`` with key rank ``predictor_rank_k`` and value rank
     ``predictor_rank_v`` (1 <= R <= C; both 0 when dense), about ``C/R`` times fewer FLOPs per
     product pair; low rank and block-diagonal do not combine.
+    predictor_value_input: the second input of every value predictor (B_V, D_vv): "v_prev" =
+    v̂_{l-1} (the paper's chain), "k_prev" = k̂_{l-1}.  With "k_prev" no value depends on another
+    layer's values, so the cache can apply the value predictor to the attention output once per
+    query (``Σ_t p_t (B x_t + b + r_t) = B Σ_t p_t x_t + b + Σ_t p_t r_t``) instead of to every cell.
     """
 
     grid: np.ndarray
@@ -146,6 +152,7 @@ class AquaKVParams:
     predictor_form: PredictorForm = "dense"
     predictor_rank_k: int = 0
     predictor_rank_v: int = 0
+    predictor_value_input: ValueInput = "v_prev"
 
     @property
     def n_channels(self) -> int:
@@ -194,7 +201,8 @@ class AquaKVParams:
         perm = llama_cpp_key_permutation(self.n_kv_heads, self.head_dim)
         if order == "hf":
             perm = np.argsort(perm)
-        new.predictors = [None if p is None else permute_predictor(p, perm) for p in self.predictors]
+        keys_in_v = self.predictor_value_input == "k_prev"
+        new.predictors = [None if p is None else permute_predictor(p, perm, keys_in_v) for p in self.predictors]
         return new
 
 
@@ -211,24 +219,33 @@ def llama_cpp_key_permutation(n_kv_heads: int, head_dim: int) -> np.ndarray:
     return rows.swapaxes(1, 2).reshape(-1)
 
 
-def permute_predictor(pred: LayerPredictor, perm: np.ndarray) -> LayerPredictor:
+def permute_predictor(pred: LayerPredictor, perm: np.ndarray, keys_in_v: bool = False) -> LayerPredictor:
     """Apply the key-channel permutation ``perm`` (new[i] = old[perm[i]]) to one layer's predictors.
 
     Key channels are the output and input of A (rows and columns), the output of a, and the
     input (columns) of B_K; of the low-rank factors, the output (rows) of U_k and the inputs
-    (columns) of D_k and D_vk.  B_V, D_vv, U_v, b and every value channel stay as they are.
+    (columns) of D_k and D_vk.  ``keys_in_v`` (value input "k_prev"): the inputs of B_V and D_vv
+    are keys too.  U_v, b and every value channel stay as they are.
     """
     f = pred.factors
+    vcols = perm if keys_in_v else slice(None)
     return LayerPredictor(
         k_weight=pred.k_weight[np.ix_(perm, perm)].copy(),
         k_bias=pred.k_bias[perm].copy(),
         v_weight_k=pred.v_weight_k[:, perm].copy(),
-        v_weight_v=pred.v_weight_v.copy(),
+        v_weight_v=pred.v_weight_v[:, vcols].copy(),
         v_bias=pred.v_bias.copy(),
         factors=None if f is None else LowRankFactors(
             k_down=f.k_down[:, perm].copy(), k_up=f.k_up[perm].copy(), v_down_k=f.v_down_k[:, perm].copy(),
-            v_down_v=f.v_down_v.copy(), v_up=f.v_up.copy()),
+            v_down_v=f.v_down_v[:, vcols].copy(), v_up=f.v_up.copy()),
     )
+
+
+def check_value_input(value_input: str) -> None:
+    """Raise ValueError (naming the problem) unless ``value_input`` is one of ``names.VALUE_INPUTS``."""
+    if value_input not in names.VALUE_INPUTS:
+        raise ValueError(f"unknown value predictor input {value_input!r} "
+                         f"(expected one of {', '.join(names.VALUE_INPUTS)})")
 
 
 def check_predictor_form(form: str, rank_k: int, rank_v: int, n_channels: int, block_size: int = 0) -> None:

@@ -110,6 +110,7 @@ def read_aqua_gguf(path: str | os.PathLike[str]) -> AquaKVParams:
     instead needs the ranks (1..C) and the five factors (``[R, C]``/``[C, R]``) plus the two
     biases per layer, no dense weights and no block size; its layers' dense fields are the
     products U·D of the stored factors (``LayerPredictor.from_factors``).
+    aquakv.predictor.value_input (absent: "v_prev") must be one of ``names.VALUE_INPUTS``.
     """
     path = Path(path)
     raw = RawGGUF(path)
@@ -135,6 +136,10 @@ def read_aqua_gguf(path: str | os.PathLike[str]) -> AquaKVParams:
     if block and (block < 0 or c % block):
         raise AquaKVFormatError(f"{path}: {names.KEY_PREDICTOR_BLOCK} {block} must divide C = {c}")
     form, rank_k, rank_v = _predictor_form(raw, path, c)
+    value_input = _field(raw, names.KEY_PREDICTOR_VALUE_INPUT, names.VALUE_INPUT_V_PREV, required=False)
+    if value_input not in names.VALUE_INPUTS:
+        raise AquaKVFormatError(f"{path}: unknown {names.KEY_PREDICTOR_VALUE_INPUT} {value_input!r} "
+                                f"(this reader knows {', '.join(names.VALUE_INPUTS)})")
     lowrank = form == names.FORM_LOWRANK
     tensors = {t.name: t for t in raw.tensors}
 
@@ -190,7 +195,7 @@ def read_aqua_gguf(path: str | os.PathLike[str]) -> AquaKVParams:
         n_layers=dims.n_layers, n_kv_heads=dims.n_kv_heads, head_dim=dims.head_dim,
         predictors=predictors, channel_order="llama.cpp", calibration=calibration,
         predictor_block_size=0 if block == c else block, predictor_form=form, predictor_rank_k=rank_k,
-        predictor_rank_v=rank_v)
+        predictor_rank_v=rank_v, predictor_value_input=value_input)
 
 
 def _predictor_form(raw: RawGGUF, path: Path, c: int) -> tuple[str, int, int]:

@@ -19,7 +19,7 @@ from gguf import GGUFValueType
 
 from . import names
 from .errors import AquaKVFormatError
-from .params import AquaKVParams, LayerPredictor, LowRankFactors, check_predictor_form, off_block_max
+from .params import AquaKVParams, LayerPredictor, LowRankFactors, check_predictor_form, check_value_input, off_block_max
 from .rawgguf import RawGGUF, rewrite
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,10 @@ def aquakv_metadata(params: AquaKVParams) -> list[tuple[str, Any, GGUFValueType,
     if params.predictor_form == names.FORM_LOWRANK:
         rows.append((names.KEY_PREDICTOR_RANK_K, int(params.predictor_rank_k), u32, None))
         rows.append((names.KEY_PREDICTOR_RANK_V, int(params.predictor_rank_v), u32, None))
+    if params.predictor_value_input != names.VALUE_INPUT_V_PREV:
+        # written only when it differs from the paper's chain, so a v_prev file is byte-identical to
+        # one written before the key existed
+        rows.append((names.KEY_PREDICTOR_VALUE_INPUT, params.predictor_value_input, GGUFValueType.STRING, None))
     if params.predictor_block_size:
         rows.append((names.KEY_PREDICTOR_BLOCK, int(params.predictor_block_size), u32, None))
     for key, value in params.calibration.items():
@@ -111,6 +115,7 @@ def check_params(params: AquaKVParams) -> None:
         raise ValueError(f"predictor_block_size {params.predictor_block_size} must divide C = {c}")
     check_predictor_form(params.predictor_form, params.predictor_rank_k, params.predictor_rank_v, c,
                          params.predictor_block_size)
+    check_value_input(params.predictor_value_input)
     lowrank = params.predictor_form == names.FORM_LOWRANK
     factor_shapes = LowRankFactors.shapes(c, params.predictor_rank_k, params.predictor_rank_v)
     if len(params.predictors) != params.n_layers or params.predictors[0] is not None:

@@ -322,7 +322,9 @@ class AquaKVCache(Cache):
         prev = self.layers[layer - 1]
         if prev.q_end < end:
             raise RuntimeError(f"layer {layer - 1} has not quantized positions up to {end}: layers out of order")
-        k_prev, v_prev = prev.k_hat[idx, start:end], prev.v_hat[idx, start:end]
+        k_prev = prev.k_hat[idx, start:end]
+        # the value predictor's second input: v̂_{l-1} (the paper's chain) or k̂_{l-1}
+        v_prev = k_prev if cfg.params.predictor_value_input == "k_prev" else prev.v_hat[idx, start:end]
         if cfg.lowrank:
             d_k, u_k, a_b, d_vk, d_vv, u_v, b_b = cfg.predictors(layer, k.device)
             k_hat = residual_quantize(k, semantics.predict_keys_lowrank(k_prev, d_k, u_k, a_b), cfg.qk)

@@ -10,7 +10,7 @@ from aquakv_gguf.quant import choose_group_size, gaussian_grid
 
 def random_aquakv_params(n_layers: int, n_kv_heads: int, head_dim: int, *, seed: int = 0, n_points: int = 16,
                          n_points0: int = 256, scale: float = 0.05, block_size: int = 0, rank_k: int = 0,
-                         rank_v: int = 0) -> AquaKVParams:
+                         rank_v: int = 0, value_input: str = "v_prev") -> AquaKVParams:
     """Predictors drawn from N(0, scale²), in llama.cpp channel order; Gaussian grids of the given sizes.
 
     block_size N > 0 keeps only the diagonal [N, N] blocks of every weight (block-diagonal predictors).
@@ -19,6 +19,7 @@ def random_aquakv_params(n_layers: int, n_kv_heads: int, head_dim: int, *, seed:
     the fitted eigenvectors), down-factors D ``[R, C]`` from N(0, scale²), so that ``‖U·D‖`` stays
     at most about a dense predictor's and the chain stays bounded.  The factors are f16-representable
     (what the file stores), so the dense products equal those a reader computes from the file.
+    value_input "k_prev": the second value input is the previous layer's keys (no value chain).
     """
     if rank_v and not rank_k:
         raise ValueError("rank_v needs rank_k (low-rank predictors have both)")
@@ -53,4 +54,4 @@ def random_aquakv_params(n_layers: int, n_kv_heads: int, head_dim: int, *, seed:
                         predictors=[None] + [pred() for _ in range(n_layers - 1)],
                         channel_order="llama.cpp", calibration={"source": "random test predictors"},
                         predictor_block_size=block_size, predictor_form="lowrank" if rank_k else "dense",
-                        predictor_rank_k=rank_k, predictor_rank_v=rank_v)
+                        predictor_rank_k=rank_k, predictor_rank_v=rank_v, predictor_value_input=value_input)

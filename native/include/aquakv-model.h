@@ -19,6 +19,9 @@ struct llama_model_base;
 //   p = k_up · (k_down · k̂_{l-1}) + k_pred_b
 //   q = v_up · (v_down_k · k̂_l + v_down_v · v̂_{l-1}) + v_pred_b
 // in that order (the inner R-vector first), as the torch reference computes it.
+// aquakv.predictor.value_input = "k_prev" (values_from_keys): v̂_{l-1} above is k̂_{l-1}, so no
+// value depends on another layer's values and the read path may apply the value predictor to
+// the attention output instead of every cell (aquakv-graph.cpp).
 struct aquakv_layer_tensors {
     ggml_tensor * k_pred_w   = nullptr;  // [C, C] (ne0 = input channel); dense only
     ggml_tensor * k_pred_b   = nullptr;  // [C]
@@ -51,6 +54,7 @@ struct aquakv_model_data {
     aquakv_predictor_kind predictor = AQUAKV_PREDICTOR_DENSE;  // aquakv.predictor.form (absent: dense)
     uint32_t rank_k        = 0;  // aquakv.predictor.rank_k (low-rank only)
     uint32_t rank_v        = 0;  // aquakv.predictor.rank_v
+    bool     values_from_keys = false;  // aquakv.predictor.value_input == "k_prev" (absent: "v_prev")
     bool     enabled       = true;  // aquakv.enabled (override) / AQUAKV_ENABLED: use the AQUA-KV cache
 
     ggml_tensor * grid  = nullptr;  // [d, n] f32

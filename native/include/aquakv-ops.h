@@ -34,6 +34,7 @@ enum aquakv_op_param {
 enum aquakv_read_kind {
     AQUAKV_READ_RECONSTRUCT = 0,
     AQUAKV_READ_ROPE_F16    = 1,
+    AQUAKV_READ_ATTN_SUM    = 2,
 };
 
 struct aquakv_row_layout {
@@ -106,7 +107,7 @@ struct ggml_tensor * ggml_aquakv_decode(struct ggml_context * ctx, struct ggml_t
 // F32 [C, n, m] (r = i1 + n*i2) is
 //   window row win[win_src[j]]                      when win_dst[j] = r for some j, else
 //   decode(codes row) + pred[:, r] + bias
-// with pred F32 [C, n*m]. Any of pred / bias / the window (win F16 [C, n_slots], win_src,
+// with pred F32 [C, n*m]. Any of pred / bias / the window (win F16 or F32 [C, n_slots], win_src,
 // win_dst I32 [n_w]) may be NULL.
 //   src: 0 codes, 1 grid, 2 pred, 3 bias, 4 win, 5 win_src, 6 win_dst
 struct ggml_tensor * ggml_aquakv_reconstruct(struct ggml_context * ctx, struct ggml_tensor * codes,
@@ -143,6 +144,17 @@ struct ggml_tensor * ggml_aquakv_reconstruct_lowrank(struct ggml_context * ctx, 
 // (0.56 TB/s on an H200 for the value casts, docs/PERF.md).
 struct ggml_tensor * ggml_aquakv_rope_f16(struct ggml_context * ctx, struct ggml_tensor * x,
                                      struct ggml_tensor * rot, int32_t neox);
+
+// Attention-weighted sums of per-cell rows, for values folded onto the attention output
+// (aquakv-graph.cpp): with the softmax weights
+//   p  F32 [n_kv, n_tok, n_head, ns] (contiguous), and per-cell rows
+//   y0 F32 [C0, n_kv*ns], y1 F32 [C1, n_kv*ns] or NULL (cell t of stream s is row s*n_kv + t),
+// the result F32 [m, n_tok, n_head, ns] is, for query row (tok, h, s),
+//   n_group = 0:  Σ_t p[t, tok, h, s] · [y0 ; y1][:, s*n_kv + t]               (m = C0 + C1)
+//   n_group > 0:  Σ_t p[t, tok, h, s] · y0[g*m .. (g+1)*m, s*n_kv + t]          (m = C0/n_group)
+// where g = h / (n_head/n_group) is the KV head of query head h (grouped-query attention; y1 NULL).
+struct ggml_tensor * ggml_aquakv_attn_sum(struct ggml_context * ctx, struct ggml_tensor * p,
+                                     struct ggml_tensor * y0, struct ggml_tensor * y1, int32_t n_group);
 
 // the pattern whose rotation is rot above: value of channel i (0 <= i < head_dim)
 static inline float aquakv_rope_unit_pattern(int64_t i, int64_t head_dim, int32_t neox) {

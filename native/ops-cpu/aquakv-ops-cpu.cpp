@@ -498,7 +498,12 @@ void forward_decode(const ggml_compute_params * params, ggml_tensor * dst) {
         for (int t = 0; t < nt; ++t) {
             const int32_t s_idx = slot[t0 + t - r0];
             if (s_idx >= 0) {
-                ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) ((const char *) win->data + s_idx*win->nb[1]), out[t], C);
+                const char * w_row = (const char *) win->data + s_idx*win->nb[1];
+                if (win->type == GGML_TYPE_F16) {
+                    ggml_cpu_fp16_to_fp32((const ggml_fp16_t *) w_row, out[t], C);
+                } else {
+                    std::memcpy(out[t], w_row, sizeof(float)*C);
+                }
             }
         }
     }
@@ -545,6 +550,131 @@ void forward_rope_f16(const ggml_compute_params * params, ggml_tensor * dst) {
     }
 }
 
+// AQUAKV_READ_ATTN_SUM (aquakv-ops.h: ggml_aquakv_attn_sum). The query rows of one KV group
+// (rows tok + n_tok*h for the heads h of group g) read the same channels of every cell, so a
+// work item is a tile of ATT_RT such rows x up to ATT_CT vectors of channels, its accumulators
+// in registers while it streams over the cells once; items are dealt to the threads in turn.
+constexpr int ATT_RT = 6;
+constexpr int ATT_CT = 4;
+
+struct attn_sum_item {
+    const float * y;       // channel c0 of cell 0 of the item's source rows
+    size_t        y_nb1;   // bytes between cells
+    const float * p[ATT_RT];  // weights of the item's rows (padding rows repeat the last one)
+    float       * out[ATT_RT];
+    int           nr;      // real rows
+    int           nc;      // channels (<= ATT_CT*VL)
+};
+
+template <int CT>
+void attn_sum_tile(const attn_sum_item & it, int64_t n_kv) {
+#if defined(__GNUC__)
+    vf16 acc[ATT_RT][CT];
+    for (int r = 0; r < ATT_RT; ++r) {
+        for (int c = 0; c < CT; ++c) {
+            acc[r][c] = vf16{};
+        }
+    }
+    const char * yb = (const char *) it.y;
+    for (int64_t t = 0; t < n_kv; ++t) {
+        const float * yt = (const float *) (yb + t*it.y_nb1);
+        vf16 yv[CT];
+        for (int c = 0; c < CT; ++c) {
+            yv[c] = vload(yt + c*VL);
+        }
+        for (int r = 0; r < ATT_RT; ++r) {
+            const float a = it.p[r][t];
+            for (int c = 0; c < CT; ++c) {
+                acc[r][c] += a*yv[c];
+            }
+        }
+    }
+    for (int r = 0; r < it.nr; ++r) {
+        for (int c = 0; c < CT; ++c) {
+            vstore(it.out[r] + c*VL, acc[r][c]);
+        }
+    }
+#else
+    GGML_UNUSED(it); GGML_UNUSED(n_kv);
+#endif
+}
+
+void attn_sum_scalar(const attn_sum_item & it, int64_t n_kv, int c_begin) {
+    for (int r = 0; r < it.nr; ++r) {
+        for (int c = c_begin; c < it.nc; ++c) {
+            float acc = 0.0f;
+            for (int64_t t = 0; t < n_kv; ++t) {
+                acc += it.p[r][t]*((const float *) ((const char *) it.y + t*it.y_nb1))[c];
+            }
+            it.out[r][c] = acc;
+        }
+    }
+}
+
+void forward_attn_sum(const ggml_compute_params * params, ggml_tensor * dst) {
+    const ggml_tensor * p  = dst->src[0];
+    const int32_t n_group = dst->op_params[AQUAKV_P_COUNT];
+    const int64_t n_kv = p->ne[0], n_tok = p->ne[1], n_head = p->ne[2], ns = p->ne[3];
+    const int64_t m = dst->ne[0];
+    const int64_t n_groups = n_group > 0 ? n_group : 1;
+    const int64_t rows_per_group = n_tok*(n_head/n_groups);
+    const int64_t n_row_tiles = (rows_per_group + ATT_RT - 1)/ATT_RT;
+    const int64_t ch_tile = (int64_t) ATT_CT*VL;
+    // the output channels come from one or two sources (y0, then y1); a tile never straddles them
+    struct segment { const ggml_tensor * y; int64_t out_off, len, n_tiles; };
+    std::vector<segment> segs;
+    for (int i = 1; i <= 2; ++i) {
+        const ggml_tensor * y = dst->src[i];
+        if (y) {
+            const int64_t len = n_group > 0 ? m : y->ne[0];
+            segs.push_back({ y, segs.empty() ? 0 : segs[0].len, len, (len + ch_tile - 1)/ch_tile });
+        }
+    }
+    int64_t n_ch_tiles = 0;
+    for (const segment & sg : segs) {
+        n_ch_tiles += sg.n_tiles;
+    }
+    const int64_t n_items = ns*n_groups*n_row_tiles*n_ch_tiles;
+    for (int64_t item = params->ith; item < n_items; item += params->nth) {
+        int64_t ct = item % n_ch_tiles;
+        const int64_t rt = (item / n_ch_tiles) % n_row_tiles;
+        const int64_t g  = (item / (n_ch_tiles*n_row_tiles)) % n_groups;
+        const int64_t s  = item / (n_ch_tiles*n_row_tiles*n_groups);
+        size_t si = 0;
+        while (ct >= segs[si].n_tiles) {
+            ct -= segs[si++].n_tiles;
+        }
+        const segment & sg = segs[si];
+        const int64_t c0 = ct*ch_tile;  // within the segment
+        const int64_t in_off = (n_group > 0 ? g*m : 0) + c0;
+        attn_sum_item it;
+        it.y     = (const float *) ((const char *) sg.y->data + s*n_kv*sg.y->nb[1]) + in_off;
+        it.y_nb1 = sg.y->nb[1];
+        it.nc    = (int) (std::min(sg.len, c0 + ch_tile) - c0);
+        it.nr    = (int) std::min<int64_t>(ATT_RT, rows_per_group - rt*ATT_RT);
+        for (int r = 0; r < ATT_RT; ++r) {
+            const int64_t row = g*rows_per_group + rt*ATT_RT + std::min(r, it.nr - 1);  // tok + n_tok*h
+            const int64_t tok = row % n_tok, h = row / n_tok;
+            it.p[r]   = (const float *) ((const char *) p->data + tok*p->nb[1] + h*p->nb[2] + s*p->nb[3]);
+            it.out[r] = (float *) ((char *) dst->data + tok*dst->nb[1] + h*dst->nb[2] + s*dst->nb[3]) + sg.out_off + c0;
+        }
+        int done = 0;
+#if defined(__GNUC__)
+        switch (it.nc/VL) {
+            case 0: break;
+            case 1: attn_sum_tile<1>(it, n_kv); break;
+            case 2: attn_sum_tile<2>(it, n_kv); break;
+            case 3: attn_sum_tile<3>(it, n_kv); break;
+            default: attn_sum_tile<4>(it, n_kv); break;
+        }
+        done = it.nc/VL*VL;
+#endif
+        if (done < it.nc) {
+            attn_sum_scalar(it, n_kv, done);
+        }
+    }
+}
+
 } // namespace
 
 extern "C" void aquakv_compute_forward(const ggml_compute_params * params, ggml_tensor * tensor) {
@@ -553,6 +683,8 @@ extern "C" void aquakv_compute_forward(const ggml_compute_params * params, ggml_
         case GGML_OP_AQUAKV_DECODE:
             if (tensor->op_params[AQUAKV_P_KIND] == AQUAKV_READ_ROPE_F16) {
                 forward_rope_f16(params, tensor);
+            } else if (tensor->op_params[AQUAKV_P_KIND] == AQUAKV_READ_ATTN_SUM) {
+                forward_attn_sum(params, tensor);
             } else {
                 forward_decode(params, tensor);
             }

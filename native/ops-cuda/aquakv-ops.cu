@@ -84,8 +84,9 @@ bool ggml_cuda_aquakv_supports_op(const ggml_tensor * op) {
         // graph uses cuBLAS for the products
         return false;
     }
-    if (op->op == GGML_OP_AQUAKV_DECODE && op->src[4] != nullptr && !ggml_is_contiguous(op)) {
-        return false;
+    if (op->op == GGML_OP_AQUAKV_DECODE && op->src[4] != nullptr &&
+        (!ggml_is_contiguous(op) || op->src[4]->type != GGML_TYPE_F16)) {
+        return false;  // F32 window rows (the folded value read) are CPU-only so far
     }
     return l.grid_dim <= 4 && l.grid_size*l.grid_dim <= AQUAKV_MAX_GRID_FLOATS && l.grid_size <= 256 &&
            l.n_channels/l.group_size <= AQUAKV_MAX_GROUPS && l.n_channels <= 8192;

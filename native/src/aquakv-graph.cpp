@@ -21,6 +21,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -41,6 +42,13 @@ public:
         set(wread_src, plan ? &plan->wread_src : nullptr);
         set(wread_dst, plan ? &plan->wread_dst : nullptr);
         set(kv_pos,    plan ? &plan->kv_pos    : nullptr);
+        if (wread_iota != nullptr && wread_iota->buffer != nullptr) {
+            std::vector<int32_t> iota((size_t) ggml_nelements(wread_iota));
+            for (size_t i = 0; i < iota.size(); ++i) {
+                iota[i] = (int32_t) i;
+            }
+            set(wread_iota, &iota);
+        }
         if (rope_unit != nullptr && rope_unit->buffer != nullptr) {
             const int64_t hd = rope_unit->ne[0];
             std::vector<float> unit((size_t) hd);
@@ -78,6 +86,7 @@ public:
     ggml_tensor * wread_src = nullptr;  // I32 [n_wread]
     ggml_tensor * wread_dst = nullptr;  // I32 [n_wread]
     ggml_tensor * kv_pos    = nullptr;  // I32 [ns*n_kv]
+    ggml_tensor * wread_iota = nullptr;  // I32 [n_wread] = 0, 1, ...: folded values' window rows
 
     // the previous layer's reconstructions while the graph is built: F32 [C, ns*n_kv]
     ggml_tensor * k_hat_prev = nullptr;
@@ -234,6 +243,12 @@ struct aquakv_read_prediction {
     ggml_tensor * in1  = nullptr;  // the second predictor input (values: V̂_{l-1})
 };
 
+// whether layer l >= 1's predictor weights live in host memory (the CPU runs its products)
+bool aquakv_layer_on_host(const aquakv_layer_tensors & P) {
+    const ggml_tensor * w = P.k_up ? P.k_up : P.k_pred_w;
+    return w != nullptr && w->buffer != nullptr && ggml_backend_buffer_is_host(w->buffer);
+}
+
 } // namespace
 
 uint32_t aquakv_graph_extra_nodes(const llama_model & model) {
@@ -270,6 +285,9 @@ void aquakv_graph_add_inputs(const llm_graph_context & gctx, llm_graph_input_att
     obj->wread_src = new_index(ctx0, p.wread_src.size(), "aquakv_wread_src");
     obj->wread_dst = new_index(ctx0, p.wread_dst.size(), "aquakv_wread_dst");
     obj->kv_pos    = new_index(ctx0, p.kv_pos.size(),    "aquakv_kv_pos");
+    if (mctx->cache()->data().values_from_keys) {
+        obj->wread_iota = new_index(ctx0, p.wread_src.size(), "aquakv_wread_iota");
+    }
     inp.aquakv = gctx.res->add_input(std::move(obj));
 }
 
@@ -314,13 +332,13 @@ ggml_tensor * aquakv_build_attn(const llm_graph_context & gctx, llm_graph_input_
     gctx.cb(k_new, "aquakv_k_new", il);
     gctx.cb(v_new, "aquakv_v_new", il);
 
-    // one cache side (K or V): store this ubatch, then reconstruct the attended cells
-    auto store_and_read = [&](ggml_tensor * x_new, ggml_tensor * codes_storage, ggml_tensor * win_storage,
-                              auto && predict, auto && read_pred) -> ggml_tensor * {
+    ggml_tensor * k_storage = storage_of(ai->mctx->get_k(ctx0, il));
+    ggml_tensor * v_storage = storage_of(ai->mctx->get_v(ctx0, il));
+    // one cache side (K or V): store this ubatch; returns the codes of the attended cells
+    auto store = [&](ggml_tensor * x_new, ggml_tensor * codes_storage, ggml_tensor * win2,
+                     auto && predict) -> ggml_tensor * {
         const size_t row_bytes = (size_t) codes_storage->ne[0];
         ggml_tensor * codes2 = ggml_reshape_2d(ctx0, codes_storage, row_bytes, (int64_t) kv_size*n_stream);
-        ggml_tensor * win2   = ggml_reshape_2d(ctx0, win_storage, C, (int64_t) n_win*n_stream);
-
         ggml_tensor * codes_src = codes2;
         if (ai->enc_src || ai->wnew_src) {
             ggml_tensor * resid = nullptr;
@@ -339,27 +357,42 @@ ggml_tensor * aquakv_build_attn(const llm_graph_context & gctx, llm_graph_input_
                                      ai->wnew_src ? win2 : nullptr, win_rows, ai->wnew_dst);
             ggml_build_forward_expand(gf, codes_src);  // the store runs before any read of this layer
         }
-
-        ggml_tensor * codes_view = ggml_view_3d(ctx0, codes_src, row_bytes, n_kv, ns, row_bytes,
-                                                row_bytes*kv_size, row_bytes*kv_size*plan.s0);
+        return ggml_view_3d(ctx0, codes_src, row_bytes, n_kv, ns, row_bytes, row_bytes*kv_size,
+                            row_bytes*kv_size*plan.s0);
+    };
+    auto window_of = [&](ggml_tensor * win_storage) {
+        return ggml_reshape_2d(ctx0, win_storage, C, (int64_t) n_win*n_stream);
+    };
+    // store, then reconstruct the attended cells
+    auto store_and_read = [&](ggml_tensor * x_new, ggml_tensor * codes_storage, ggml_tensor * win_storage,
+                              auto && predict, auto && read_pred) -> ggml_tensor * {
+        ggml_tensor * win2 = window_of(win_storage);
+        ggml_tensor * codes_view = store(x_new, codes_storage, win2, predict);
         // one op: decode + prediction + bias, window rows over their cells (docs/PERF.md)
         const aquakv_read_prediction rp = il > 0 ? read_pred() : aquakv_read_prediction{};
         ggml_tensor * win_r = ai->wread_src ? win2 : nullptr;
-        ggml_tensor * x_hat = ggml_reshape_2d(ctx0,
-            rp.down ? ggml_aquakv_reconstruct_lowrank(ctx0, codes_view, grid, (int32_t) C, G, rp.pred, rp.in1, rp.down,
-                                                      rp.up, rp.bias, win_r, ai->wread_src, ai->wread_dst)
-                    : ggml_aquakv_reconstruct(ctx0, codes_view, grid, (int32_t) C, G, rp.pred, rp.bias,
-                                              win_r, ai->wread_src, ai->wread_dst),
-            C, n_kv*ns);
-        return x_hat;  // F32 [C, ns*n_kv]
+        ggml_tensor * rec = rp.down
+            ? ggml_aquakv_reconstruct_lowrank(ctx0, codes_view, grid, (int32_t) C, G, rp.pred, rp.in1, rp.down, rp.up,
+                                              rp.bias, win_r, ai->wread_src, ai->wread_dst)
+            : ggml_aquakv_reconstruct(ctx0, codes_view, grid, (int32_t) C, G, rp.pred, rp.bias, win_r, ai->wread_src,
+                                      ai->wread_dst);
+        gctx.cb(rec, codes_storage == k_storage ? "aquakv_k_reconstruct" : "aquakv_v_reconstruct", il);
+        return ggml_reshape_2d(ctx0, rec, C, n_kv*ns);  // F32 [C, ns*n_kv]
     };
 
     // rows == nullptr: predictions for every attended cell; else for the rows listed
     auto gather = [&](ggml_tensor * x, ggml_tensor * rows) { return rows ? ggml_get_rows(ctx0, x, rows) : x; };
     ggml_tensor * k_hat = nullptr;
     ggml_tensor * v_hat = nullptr;
-    ggml_tensor * k_storage = storage_of(ai->mctx->get_k(ctx0, il));
-    ggml_tensor * v_storage = storage_of(ai->mctx->get_v(ctx0, il));
+    // the value predictor's second input: v̂_{l-1}, or k̂_{l-1} for files without a value chain
+    ggml_tensor * v_in = md.values_from_keys ? ai->k_hat_prev : ai->v_hat_prev;
+    // values: v_lin(rows) = B·x (x = [k̂_l ; v_in] at the rows), v_read() the read prediction,
+    // v_fold(a) = B·a per query head for a = Σ_t p_t x_t: F32 [2C, n_tok, n_head, ns]
+    std::function<ggml_tensor * (ggml_tensor *)> v_lin;
+    std::function<aquakv_read_prediction()>     v_read;
+    std::function<ggml_tensor * (ggml_tensor *)> v_fold;
+    int64_t v_macs_per_cell = 0;  // multiply-adds of the value prediction of one cell
+    const bool on_host = il > 0 && aquakv_layer_on_host(P);
     if (md.predictor == AQUAKV_PREDICTOR_LOWRANK) {
         // p = U·(D·x) + b: the inner R-vectors z by ggml products; the up-projection inside the
         // reconstruct op where U lives in host memory (CPU), else a product (cuBLAS) whose result
@@ -372,8 +405,8 @@ ggml_tensor * aquakv_build_attn(const llm_graph_context & gctx, llm_graph_input_
         ggml_tensor * v_upw = aquakv_predictor_weight(ctx0, P.v_up,     form);
         // on the CPU the whole prediction U·(D·x) runs inside the reconstruct op; elsewhere D and U
         // are ggml products (cuBLAS) and the op adds their result
-        const bool in_op = il > 0 && P.k_up->buffer != nullptr && ggml_backend_buffer_is_host(P.k_up->buffer);
-        ggml_tensor * v_dn_kv = in_op ? ggml_concat(ctx0, v_dnk, v_dnv, 0) : nullptr;  // [2C, R_v]
+        const bool in_op = on_host;
+        ggml_tensor * v_dn_kv = il > 0 ? ggml_concat(ctx0, v_dnk, v_dnv, 0) : nullptr;  // [2C, R_v]
         auto read_lowrank = [&](ggml_tensor * z, ggml_tensor * up_w, ggml_tensor * b) {
             return aquakv_read_prediction{ ggml_mul_mat(ctx0, up_w, z), nullptr, b };  // p = U·z: a product
         };
@@ -388,41 +421,93 @@ ggml_tensor * aquakv_build_attn(const llm_graph_context & gctx, llm_graph_input_
                 }
                 return read_lowrank(ggml_mul_mat(ctx0, k_dn, ai->k_hat_prev), k_upw, P.k_pred_b);
             });
-        gctx.cb(k_hat, "aquakv_k_hat", il);
-        auto v_inner = [&](ggml_tensor * rows) {
+        auto v_inner = [=](ggml_tensor * rows) {
             return ggml_add(ctx0, ggml_mul_mat(ctx0, v_dnk, gather(k_hat, rows)),
-                                  ggml_mul_mat(ctx0, v_dnv, gather(ai->v_hat_prev, rows)));
+                                  ggml_mul_mat(ctx0, v_dnv, gather(v_in, rows)));
         };
-        v_hat = store_and_read(v_new, v_storage, cache->win_v(il),
-            [&](ggml_tensor * rows) { return ggml_add(ctx0, ggml_mul_mat(ctx0, v_upw, v_inner(rows)), P.v_pred_b); },
-            [&]() {
-                if (in_op) {
-                    return aquakv_read_prediction{ k_hat, P.v_up, P.v_pred_b, v_dn_kv, ai->v_hat_prev };
-                }
-                return read_lowrank(v_inner(nullptr), v_upw, P.v_pred_b);
-            });
-        gctx.cb(v_hat, "aquakv_v_hat", il);
+        v_lin  = [=](ggml_tensor * rows) { return ggml_mul_mat(ctx0, v_upw, v_inner(rows)); };
+        v_read = [=]() {
+            if (in_op) {
+                return aquakv_read_prediction{ k_hat, P.v_up, P.v_pred_b, v_dn_kv, v_in };
+            }
+            return read_lowrank(v_inner(nullptr), v_upw, P.v_pred_b);
+        };
+        v_fold = [=](ggml_tensor * a) {
+            // z = D·a for every query row, then each head's rows of U: [R_v, d_h, n_head_kv]
+            // broadcast over the heads of its group
+            ggml_tensor * z = ggml_mul_mat(ctx0, v_dn_kv, a);
+            return ggml_mul_mat(ctx0, ggml_reshape_3d(ctx0, v_upw, v_upw->ne[0], head_dim, n_head_kv), z);
+        };
+        v_macs_per_cell = (int64_t) md.rank_v*3*C;
     } else {
         const aquakv_predictor_form form = aquakv_predictor_form_for(P.k_pred_w, md);
         ggml_tensor * k_w   = aquakv_predictor_weight(ctx0, P.k_pred_w,   form);
         ggml_tensor * v_k_w = aquakv_predictor_weight(ctx0, P.v_pred_k_w, form);
         ggml_tensor * v_v_w = aquakv_predictor_weight(ctx0, P.v_pred_v_w, form);
-        auto product = [&](ggml_tensor * w, ggml_tensor * x) { return aquakv_predictor_product(ctx0, w, x, form); };
-        auto v_product = [&](ggml_tensor * rows) {
-            return ggml_add(ctx0, product(v_k_w, gather(k_hat, rows)), product(v_v_w, gather(ai->v_hat_prev, rows)));
-        };
+        auto product = [=](ggml_tensor * w, ggml_tensor * x) { return aquakv_predictor_product(ctx0, w, x, form); };
         k_hat = store_and_read(k_new, k_storage, cache->win_k(il),
             [&](ggml_tensor * rows) { return ggml_add(ctx0, product(k_w, gather(ai->k_hat_prev, rows)), P.k_pred_b); },
             [&]() { return aquakv_read_prediction{ product(k_w, ai->k_hat_prev), nullptr, P.k_pred_b }; });
-        gctx.cb(k_hat, "aquakv_k_hat", il);
+        v_lin  = [=](ggml_tensor * rows) {
+            return ggml_add(ctx0, product(v_k_w, gather(k_hat, rows)), product(v_v_w, gather(v_in, rows)));
+        };
+        v_read = [=]() { return aquakv_read_prediction{ v_lin(nullptr), nullptr, P.v_pred_b }; };
+        v_fold = [=](ggml_tensor * a) {
+            // [C, C] weights as [C, d_h, n_head_kv]: each head's output rows, broadcast over the
+            // heads of its group; a block-diagonal weight is used whole (its zeros included)
+            aquakv_predictor_form whole = form;
+            whole.n_blk = 1;
+            ggml_tensor * wk = aquakv_predictor_weight(ctx0, P.v_pred_k_w, whole);
+            ggml_tensor * wv = aquakv_predictor_weight(ctx0, P.v_pred_v_w, whole);
+            ggml_tensor * a_k = ggml_view_4d(ctx0, a, C, a->ne[1], a->ne[2], a->ne[3], a->nb[1], a->nb[2], a->nb[3], 0);
+            ggml_tensor * a_v = ggml_view_4d(ctx0, a, C, a->ne[1], a->ne[2], a->ne[3], a->nb[1], a->nb[2], a->nb[3],
+                                             C*sizeof(float));
+            return ggml_add(ctx0, ggml_mul_mat(ctx0, ggml_reshape_3d(ctx0, wk, C, head_dim, n_head_kv), a_k),
+                                  ggml_mul_mat(ctx0, ggml_reshape_3d(ctx0, wv, C, head_dim, n_head_kv), a_v));
+        };
+        v_macs_per_cell = 2*C*form.block;
+    }
+    gctx.cb(k_hat, "aquakv_k_hat", il);
+
+    // Values folded onto the attention output (files without a value chain): per query row
+    //   Σ_t p_t (B·x_t + b + r_t) = B·(Σ_t p_t x_t) + Σ_t p_t (r_t + b)
+    // with x_t = [k̂_l ; k̂_{l-1}] of cell t and r_t its decoded residual (window cells: the row
+    // v_t - B·x_t, so the sum still sees their exact values): no value is reconstructed, B runs
+    // once per query row instead of once per cell. Chosen when that is the cheaper product
+    // (decoding; a long prompt batch reconstructs), on the CPU (the sum has no CUDA kernel yet),
+    // for attention without bias, sinks or logit soft-capping. AQUAKV_FOLD_VALUES = 0 / 1 forces
+    // it off / on (where possible), for tests and benchmarks.
+    const int64_t n_head      = q_cur->ne[1];
+    const int64_t n_tok       = q_cur->ne[2]/ns;
+    const bool    can_fold    = il > 0 && md.values_from_keys && on_host && kq_b == nullptr && sinks == nullptr &&
+                                !gctx.hparams.attn_soft_cap && gctx.arch != LLM_ARCH_GROK;
+    const char *  fold_env    = std::getenv("AQUAKV_FOLD_VALUES");
+    const std::string fold_mode = fold_env && *fold_env ? fold_env : "auto";
+    const bool    fold = can_fold && (fold_mode == "1" ||
+                                      (fold_mode != "0" && n_tok*n_head*(2*C + head_dim) < v_macs_per_cell));
+
+    ggml_tensor * v_res = nullptr;  // folded: F32 [C, ns*n_kv] residual rows (+ b)
+    if (fold) {
+        ggml_tensor * win2 = window_of(cache->win_v(il));
+        ggml_tensor * codes_view = store(v_new, v_storage, win2,
+                                         [&](ggml_tensor * rows) { return ggml_add(ctx0, v_lin(rows), P.v_pred_b); });
+        ggml_tensor * win_r = nullptr;
+        if (ai->wread_src) {
+            win_r = ggml_sub(ctx0, ggml_get_rows(ctx0, win2, ai->wread_src), v_lin(ai->wread_dst));  // [C, n_wread]
+        }
+        ggml_tensor * rec = ggml_aquakv_reconstruct(ctx0, codes_view, grid, (int32_t) C, G, nullptr, P.v_pred_b, win_r,
+                                                    ai->wread_iota, ai->wread_dst);
+        gctx.cb(rec, "aquakv_v_residual", il);
+        v_res = ggml_reshape_2d(ctx0, rec, C, n_kv*ns);
+    } else {
         v_hat = store_and_read(v_new, v_storage, cache->win_v(il),
-            [&](ggml_tensor * rows) { return ggml_add(ctx0, v_product(rows), P.v_pred_b); },
-            [&]() { return aquakv_read_prediction{ v_product(nullptr), nullptr, P.v_pred_b }; });
+            [&](ggml_tensor * rows) { return ggml_add(ctx0, v_lin(rows), P.v_pred_b); },
+            [&]() { return v_read(); });
         gctx.cb(v_hat, "aquakv_v_hat", il);
     }
 
     ai->k_hat_prev = k_hat;
-    ai->v_hat_prev = v_hat;
+    ai->v_hat_prev = v_hat;  // nullptr when folded: no later layer reads it (no value chain)
 
     // RoPE by cell position, with the model's own RoPE parameters. Flash attention reads f16
     // K/V: cast here, while the rows are contiguous; left to build_attn_mha the cast would copy
@@ -430,7 +515,6 @@ ggml_tensor * aquakv_build_attn(const llm_graph_context & gctx, llm_graph_input_
     // f32 RoPE, then one rounding to f16.
     ggml_tensor * k_hat3 = ggml_reshape_3d(ctx0, k_hat, head_dim, n_head_kv, n_kv*ns);
     ggml_tensor * k_att = nullptr;
-    ggml_tensor * v_att = v_hat;
     const int32_t rope_mode = k_cur->op_params[2];
     const bool    rope_one_pass = gctx.cparams.flash_attn && k_cur->op_params[1] == head_dim &&
                                   (rope_mode == 0 || rope_mode == GGML_ROPE_TYPE_NEOX);
@@ -438,22 +522,42 @@ ggml_tensor * aquakv_build_attn(const llm_graph_context & gctx, llm_graph_input_
         // RoPE and the cast in one pass, with the rotations of every cell from one ggml RoPE of
         // the unit pattern, shared by the layers that have the same RoPE (aquakv-ops.h)
         k_att = ggml_aquakv_rope_f16(ctx0, k_hat3, ai->rotations(ctx0, k_cur, head_dim, n_kv*ns), rope_mode != 0);
+        gctx.cb(k_att, "aquakv_k_rope_f16", il);
     } else {
         ggml_tensor * k_rope = ggml_rope_ext(ctx0, k_hat3, ai->kv_pos, k_cur->src[2], 0, 0, 0,
                                              0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f);
         std::memcpy(k_rope->op_params, k_cur->op_params, sizeof(k_cur->op_params));
         k_att = gctx.cparams.flash_attn ? ggml_cast(ctx0, k_rope, GGML_TYPE_F16) : k_rope;
     }
-    if (gctx.cparams.flash_attn) {
-        // ggml's cast; ggml_aquakv_rope_f16 without rotation is the faster value cast on CUDA
-        // (docs/PERF.md V8), to be switched on with its end-to-end GPU measurement
-        v_att = ggml_cast(ctx0, v_hat, GGML_TYPE_F16);
-    }
     ggml_tensor * k = ggml_reshape_4d(ctx0, k_att, head_dim, n_head_kv, n_kv, ns);
-    ggml_tensor * v = ggml_reshape_4d(ctx0, v_att, head_dim, n_head_kv, n_kv, ns);
-
     ggml_build_forward_expand(gf, q_cur);
-    ggml_tensor * cur = gctx.build_attn_mha(q_cur, k, v, kq_b, inp->get_kq_mask(), sinks, nullptr, 0, kq_scale, il);
+    ggml_tensor * cur = nullptr;
+    if (fold) {
+        // the plain (not flash) attention of build_attn_mha, with the value side folded
+        ggml_tensor * q = ggml_view_4d(ctx0, q_cur, q_cur->ne[0], n_head, n_tok, ns, q_cur->nb[1], q_cur->nb[2],
+                                       q_cur->nb[2]*n_tok, 0);
+        q = ggml_permute(ctx0, q, 0, 2, 1, 3);                                // [d_h, n_tok, n_head, ns]
+        ggml_tensor * kq = ggml_mul_mat(ctx0, ggml_permute(ctx0, k, 0, 2, 1, 3), q);  // [n_kv, n_tok, n_head, ns]
+        ggml_prec_set_acc(kq, GGML_PREC_F32);
+        kq = ggml_soft_max_ext(ctx0, kq, inp->get_kq_mask(), kq_scale, gctx.hparams.f_max_alibi_bias);
+        gctx.cb(kq, "kq_soft_max", il);
+        ggml_tensor * a_x = ggml_aquakv_attn_sum(ctx0, kq, k_hat, v_in, 0);                  // [2C, n_tok, n_head, ns]
+        ggml_tensor * a_r = ggml_aquakv_attn_sum(ctx0, kq, v_res, nullptr, (int32_t) n_head_kv);  // [d_h, ...]
+        gctx.cb(a_x, "aquakv_attn_x", il);
+        gctx.cb(a_r, "aquakv_attn_r", il);
+        cur = ggml_add(ctx0, v_fold(a_x), a_r);                                // [d_h, n_tok, n_head, ns]
+        cur = ggml_cont_2d(ctx0, ggml_permute(ctx0, cur, 0, 2, 1, 3), head_dim*n_head, n_tok*ns);
+        ggml_build_forward_expand(gf, cur);
+    } else {
+        ggml_tensor * v_att = v_hat;
+        if (gctx.cparams.flash_attn) {
+            // the plain cast of the fused op (rot = NULL): on CUDA 3.9 TB/s against 0.56 for
+            // ggml's strided copy (docs/PERF.md V8); identical bits
+            v_att = ggml_aquakv_rope_f16(ctx0, ggml_reshape_3d(ctx0, v_hat, head_dim, n_head_kv, n_kv*ns), nullptr, 0);
+        }
+        ggml_tensor * v = ggml_reshape_4d(ctx0, v_att, head_dim, n_head_kv, n_kv, ns);
+        cur = gctx.build_attn_mha(q_cur, k, v, kq_b, inp->get_kq_mask(), sinks, nullptr, 0, kq_scale, il);
+    }
     gctx.cb(cur, "kqv_out", il);
 
     if (wo) {

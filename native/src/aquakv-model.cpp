@@ -31,9 +31,10 @@ std::string aquakv_model_data::describe() const {
     const std::string form = predictor == AQUAKV_PREDICTOR_LOWRANK
         ? format("low-rank (keys %u, values %u)", rank_k, rank_v)
         : block_size == n_channels ? std::string("dense") : format("%ux%u block-diagonal", block_size, block_size);
-    return format("AQUA-KV v%u: %u-point grid (layer 0: %u) in R^%u, group %u, C = %u, %s predictors, %u sink + %u recent "
-                  "f16 tokens, cache %s",
+    return format("AQUA-KV v%u: %u-point grid (layer 0: %u) in R^%u, group %u, C = %u, %s predictors (values from %s), "
+                  "%u sink + %u recent f16 tokens, cache %s",
                   version, grid_size, grid0_size, grid_dim, group_size, n_channels, form.c_str(),
+                  values_from_keys ? "[k_l, k_l-1]" : "[k_l, v_l-1]",
                   prefix_tokens, recent_tokens, enabled ? "on" : "off (aquakv.enabled / AQUAKV_ENABLED)");
 }
 
@@ -100,6 +101,14 @@ aquakv_model_data * aquakv_load_model_data(llama_model_base & model) {
     data->block_size = ml.get_key(std::string("aquakv.predictor.block_size"), block, false) && block != 0 ? block : C;
     if (C % data->block_size != 0) {
         throw std::runtime_error(format("aquakv: aquakv.predictor.block_size %u does not divide C = %u", data->block_size, C));
+    }
+    std::string value_input = "v_prev";
+    ml.get_key(std::string("aquakv.predictor.value_input"), value_input, false);
+    if (value_input == "k_prev") {
+        data->values_from_keys = true;
+    } else if (value_input != "v_prev") {
+        throw std::runtime_error("aquakv: unknown aquakv.predictor.value_input '" + value_input +
+                                 "' (this build reads v_prev and k_prev)");
     }
     std::string form = "dense";
     ml.get_key(std::string("aquakv.predictor.form"), form, false);

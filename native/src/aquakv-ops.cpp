@@ -85,7 +85,8 @@ extern "C" ggml_tensor * ggml_aquakv_reconstruct(ggml_context * ctx, ggml_tensor
         GGML_ASSERT(bias->type == GGML_TYPE_F32 && ggml_is_contiguous(bias) && ggml_nelements(bias) == n_channels);
     }
     if (win) {
-        GGML_ASSERT(win->type == GGML_TYPE_F16 && win->ne[0] == n_channels && ggml_n_dims(win) <= 2);
+        GGML_ASSERT((win->type == GGML_TYPE_F16 || win->type == GGML_TYPE_F32) && win->ne[0] == n_channels &&
+                    ggml_n_dims(win) <= 2);
         GGML_ASSERT(win_src && win_dst && win_src->type == GGML_TYPE_I32 && win_dst->type == GGML_TYPE_I32);
         GGML_ASSERT(ggml_is_contiguous(win_src) && ggml_is_contiguous(win_dst) &&
                     ggml_nelements(win_src) == ggml_nelements(win_dst));
@@ -140,5 +141,32 @@ extern "C" ggml_tensor * ggml_aquakv_rope_f16(ggml_context * ctx, ggml_tensor * 
     result->op_params[AQUAKV_P_COUNT] = neox ? 1 : 0;
     result->src[0] = x;
     result->src[1] = rot;
+    return result;
+}
+
+extern "C" ggml_tensor * ggml_aquakv_attn_sum(ggml_context * ctx, ggml_tensor * p, ggml_tensor * y0, ggml_tensor * y1,
+                                         int32_t n_group) {
+    GGML_ASSERT(p->type == GGML_TYPE_F32 && ggml_is_contiguous(p));
+    const int64_t n_kv = p->ne[0], n_head = p->ne[2], ns = p->ne[3];
+    for (const ggml_tensor * y : { y0, y1 }) {
+        if (y) {
+            GGML_ASSERT(y->type == GGML_TYPE_F32 && y->nb[0] == sizeof(float) && ggml_n_dims(y) <= 2);
+            GGML_ASSERT(y->ne[1] == n_kv*ns && "AQUA-KV attention sum: rows do not match the attended cells");
+        }
+    }
+    int64_t m = y0->ne[0] + (y1 ? y1->ne[0] : 0);
+    if (n_group > 0) {
+        GGML_ASSERT(y1 == nullptr && n_head % n_group == 0 && y0->ne[0] % n_group == 0 &&
+                    "AQUA-KV attention sum: the groups do not divide the heads and channels");
+        m = y0->ne[0]/n_group;
+    }
+    ggml_tensor * result = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, m, p->ne[1], n_head, ns);
+    result->op = GGML_OP_AQUAKV_DECODE;
+    const int32_t params[AQUAKV_P_COUNT] = { 0, 0, 0, 0, 0, AQUAKV_READ_ATTN_SUM };
+    std::memcpy(result->op_params, params, sizeof(params));
+    result->op_params[AQUAKV_P_COUNT] = n_group;
+    result->src[0] = p;
+    result->src[1] = y0;
+    result->src[2] = y1;
     return result;
 }

@@ -13,6 +13,7 @@ from gguf import GGUFReader, GGUFValueType
 from aquakv_gguf.gguf_io import (
     AquaKVFormatError,
     AquaKVParams,
+    aquakv_metadata,
     LayerPredictor,
     llama_cpp_key_permutation,
     names,
@@ -380,3 +381,43 @@ def test_reader_refuses_bad_lowrank_files(lowrank_file, aqua_file, tmp_path: Pat
            "aquakv.predictor.rank_k is set but aquakv.predictor.form is 'dense'")
     refuse(gguf_edit(dense, tmp_path / "dense_as_lr.gguf", set_fields={names.KEY_PREDICTOR_FORM: "lowrank"}),
            "missing metadata key aquakv.predictor.rank_k")
+
+
+def test_values_from_keys_round_trip_permute_and_bad_values_are_refused(tiny_llama_gguf: Path, tmp_path: Path,
+                                                                         gguf_edit) -> None:
+    """aquakv.predictor.value_input: written only for k_prev (v_prev files keep their bytes), read
+    back, and with k_prev the second value input (B_V, D_vv columns) is permuted like a key."""
+    from aquakv_gguf.reference.semantics import predict_values, predict_values_lowrank
+
+    assert names.KEY_PREDICTOR_VALUE_INPUT not in {r[0] for r in aquakv_metadata(random_params())}
+    rng = np.random.default_rng(3)
+    perm = llama_cpp_key_permutation(N_KV, HEAD_DIM)
+    k, k_prev = (torch.from_numpy(rng.standard_normal(C)) for _ in range(2))
+    t = lambda x: torch.from_numpy(np.asarray(x, dtype=np.float64))
+    for params in (random_params(order="hf"), lowrank_params(order="hf")):
+        params = dataclasses.replace(params, predictor_value_input="k_prev")
+        lp = params.with_channel_order("llama.cpp", permutes_qk=True)
+        a, b = params.predictors[1], lp.predictors[1]
+        if params.predictor_form == "lowrank":
+            fa, fb = a.factors, b.factors
+            q_hf = predict_values_lowrank(k, k_prev, t(fa.v_down_k), t(fa.v_down_v), t(fa.v_up), t(a.v_bias))
+            q_ll = predict_values_lowrank(k[perm], k_prev[perm], t(fb.v_down_k), t(fb.v_down_v), t(fb.v_up),
+                                          t(b.v_bias))
+        else:
+            q_hf = predict_values(k, k_prev, t(a.v_weight_k), t(a.v_weight_v), t(a.v_bias))
+            q_ll = predict_values(k[perm], k_prev[perm], t(b.v_weight_k), t(b.v_weight_v), t(b.v_bias))
+        torch.testing.assert_close(q_ll, q_hf)
+        out = write_aqua_gguf(tiny_llama_gguf, tmp_path / f"kprev-{params.predictor_form}.gguf", lp, progress=False)
+        assert RawGGUF(out).get(names.KEY_PREDICTOR_VALUE_INPUT) == "k_prev"
+        back = read_aqua_gguf(out)
+        assert back.predictor_value_input == "k_prev"
+        stored = "v_down_v" if params.predictor_form == "lowrank" else "v_weight_v"
+        np.testing.assert_array_equal(back.predictors[1].arrays()[stored],
+                                      b.arrays()[stored].astype(np.float16).astype(np.float32))
+    with pytest.raises(AquaKVFormatError, match="unknown aquakv.predictor.value_input 'q_prev'"):
+        read_aqua_gguf(gguf_edit(out, tmp_path / "bad-input.gguf",
+                                 set_fields={names.KEY_PREDICTOR_VALUE_INPUT: "q_prev"}))
+    with pytest.raises(ValueError, match="unknown value predictor input 'q_prev'"):
+        write_aqua_gguf(tiny_llama_gguf, tmp_path / "bad.gguf",
+                        dataclasses.replace(random_params(), predictor_value_input="q_prev"), progress=False)
+    assert not (tmp_path / "bad.gguf").exists()

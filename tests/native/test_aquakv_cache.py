@@ -176,6 +176,44 @@ def test_lowrank_predictors_match_the_reference_and_their_dense_form(tiny3, hf_m
     assert_matches_reference_and_dense(f"low-rank (ngl {ngl})", got, ref, got_dense, f16)
 
 
+@pytest.mark.parametrize("rank", [0, 16], ids=["dense", "lowrank"])
+def test_values_from_keys_fold_onto_the_attention_output_like_the_reference(tiny3, hf_model, texts, tmp_path,
+                                                                            monkeypatch, rank):
+    """aquakv.predictor.value_input = k_prev: values are predicted from [k̂_l ; k̂_{l-1}]. The cache
+    either reconstructs them (AQUAKV_FOLD_VALUES=0) or folds the value predictor onto the
+    attention output (=1: one product per query row, the residuals and the window rows summed by
+    the attention weights). Both must be the reference's, and each other's up to float order
+    (and the f16 rounding of V̂ that only the reconstructing path with flash attention has)."""
+    from aquakv_gguf.runtime import log_tail
+    from aquakv_gguf.testing import random_aquakv_params
+
+    _, plain, _ = tiny3
+    params = random_aquakv_params(3, 2, 64, seed=6, rank_k=rank, rank_v=2 * rank, scale=0.07, value_input="k_prev")
+    path = write_aqua_gguf(plain, tmp_path / "kprev.aqua.gguf", params, progress=False)
+    assert read_aqua_gguf(path).predictor_value_input == "k_prev"
+    ref = reference_logits(hf_model, params, texts[0])
+    f16 = native_logits(path, texts[:1], aquakv=False)[0]
+    got = {}
+    for fold in ("0", "1"):
+        monkeypatch.setenv("AQUAKV_FOLD_VALUES", fold)
+        for fa in (False, True):
+            with Model(path, n_gpu_layers=0) as model:
+                assert "(values from [k_l, k_l-1])" in log_tail()
+                with model.context(n_ctx=WINDOW, flash_attn=fa) as ctx:
+                    got[fold, fa] = window_logits(ctx, texts[0], STEP)
+    d_f16 = mean_kld(f16, got["1", True])
+    assert d_f16 > 1e-4, "the quantization must be visible for this test to mean anything"
+    for key, lg in got.items():
+        d_ref = mean_kld(ref, lg)
+        print(f"fold {key[0]} flash attention {key[1]}: KLD vs reference {d_ref:.2e} (vs f16 {d_f16:.2e})")
+        assert d_ref < 0.05 * d_f16, key
+    # same codes, same sums in another order: far below the quantization's own effect
+    d_plain, d_fa = mean_kld(got["0", False], got["1", False]), mean_kld(got["0", True], got["1", True])
+    print(f"fold vs reconstruct: {d_plain:.2e} (plain attention), {d_fa:.2e} (flash attention)")
+    assert d_plain < 1e-3 * d_f16
+    assert d_fa < 0.05 * d_f16
+
+
 def test_cache_reports_its_sizes_and_plain_models_have_none(tiny3):
     _, plain, aqua = tiny3
     with Model(aqua, n_gpu_layers=NGL) as model, model.context(n_ctx=1024) as ctx:
