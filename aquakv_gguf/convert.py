@@ -259,9 +259,12 @@ def summary_bits_per_value(params: AquaKVParams, n_tokens: int) -> float:
 
 
 # The converter's predictor form when none is asked for: the fastest form measured to meet the
-# quality bar (docs/RESULTS.md, cpu-cache: mean KLD 0.28x q4_0's, PPL +0.92% on SmolLM2; dense
-# 0.20x / +0.49% decodes 2.8x slower on the CPU). Ranks above a model's C are clamped to C.
+# quality bar (SmolLM2, docs/PERF.md C8: with k_prev values mean KLD 0.27x q4_0's, PPL +0.90%; dense
+# 0.20x / +0.49% decodes several times slower on the CPU). Ranks above a model's C are clamped to C.
 DEFAULT_PREDICTOR = "lowrank:32,64"
+# ... and its value input: "k_prev" removes the value chain, so the CPU cache folds the value
+# predictor onto the attention output (no value product per cell when decoding)
+DEFAULT_VALUE_INPUT = "k_prev"
 
 
 def default_predictor(n_channels: int) -> tuple[str, int, int]:
@@ -287,7 +290,7 @@ def convert(model: str | os.PathLike[str], out: str | os.PathLike[str], *, bits:
             calib_seq_len: int | None = None, seed: int = 0, device: str = "cpu", force: bool = False,
             outtype: str = "f16", also: dict[int, str | os.PathLike[str]] | None = None,
             prefix_tokens: int = 4, recent_tokens: int = 128, predictor_block: int | None = None,
-            predictor_form: str | None = None, rank_k: int = 0, rank_v: int = 0, value_input: str = "v_prev",
+            predictor_form: str | None = None, rank_k: int = 0, rank_v: int = 0, value_input: str | None = None,
             progress: bool = True) -> ConvertSummary:
     """Calibrate ``model`` and write ``out``; raises ConvertError/CalibrationError/AquaKVFormatError.
 
@@ -298,7 +301,8 @@ def convert(model: str | os.PathLike[str], out: str | os.PathLike[str], *, bits:
     (1..C) fits low-rank predictors (not combinable with ``predictor_block``); None is
     DEFAULT_PREDICTOR, or dense when ``predictor_block`` is given.  ``value_input`` "k_prev"
     predicts values from ``[k̂_l; k̂_{l-1}]`` instead of ``[k̂_l; v̂_{l-1}]`` (no value chain; the
-    cache then folds the value predictor onto the attention output).
+    cache then folds the value predictor onto the attention output); None is
+    DEFAULT_VALUE_INPUT for low-rank forms and "v_prev" (the paper's chain) for dense ones.
     """
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -348,6 +352,8 @@ def convert(model: str | os.PathLike[str], out: str | os.PathLike[str], *, bits:
             raise ConvertError(f"--predictor-block: {exc}") from exc
         if predictor_form is None:
             predictor_form, rank_k, rank_v = ("dense", 0, 0) if predictor_block is not None else default_predictor(c)
+        if value_input is None:
+            value_input = DEFAULT_VALUE_INPUT if predictor_form == "lowrank" else "v_prev"
         try:
             check_predictor_form(predictor_form, rank_k, rank_v, c, 0 if block == c else block)
             check_value_input(value_input)
@@ -434,9 +440,12 @@ def describe_predictors(params: AquaKVParams) -> str:
     """The predictor form in words: "dense predictors", "block-diagonal predictors 64x64" or
     "low-rank predictors (keys rank 16, values rank 16)"."""
     block = params.predictor_block_size
+    values = ", values from keys" if params.predictor_value_input == "k_prev" else ""
     if params.predictor_form == "lowrank":
-        return f"low-rank predictors (keys rank {params.predictor_rank_k}, values rank {params.predictor_rank_v})"
-    return f"block-diagonal predictors {block}x{block}" if block else "dense predictors"
+        return (f"low-rank predictors (keys rank {params.predictor_rank_k}, values rank {params.predictor_rank_v}"
+                f"{values})")
+    return (f"block-diagonal predictors {block}x{block}" if block else "dense predictors") + (
+        f" ({values[2:]})" if values else "")
 
 
 def format_summary(s: ConvertSummary) -> str:
@@ -476,7 +485,7 @@ def summary_dict(s: ConvertSummary) -> dict[str, Any]:
         "calib_tokens": s.calib_tokens, "bits_per_value": {str(k): v for k, v in s.bits_per_value.items()},
         "predictor_mib": s.predictor_mib, "predictor_block_size": s.params.predictor_block_size,
         "predictor_form": s.params.predictor_form, "predictor_rank_k": s.params.predictor_rank_k,
-        "predictor_rank_v": s.params.predictor_rank_v,
+        "predictor_rank_v": s.params.predictor_rank_v, "predictor_value_input": s.params.predictor_value_input,
         "seconds": s.seconds, "peak_rss_mib": s.peak_rss_mib,
         "timings": s.timings, "reports": {str(s.bits): [asdict(r) for r in s.reports],
                                           **{str(b): [asdict(r) for r in reps] for b, (_p, reps) in s.others.items()}},
@@ -510,10 +519,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="predictor form: dense (best quality, slowest decode), lowrank:R (keys and values "
                          "rank R) or lowrank:RK,RV (1 <= R <= C; not with --predictor-block). "
                          f"Default: {DEFAULT_PREDICTOR} (ranks clamped to C), dense with --predictor-block")
-    ap.add_argument("--value-input", default="v_prev", choices=("v_prev", "k_prev"),
+    ap.add_argument("--value-input", default=None, choices=("v_prev", "k_prev"),
                     help="the value predictor's second input: v_prev = the previous layer's values (the paper's "
                          "chain), k_prev = its keys (no value chain: the cache applies the value predictor to the "
-                         "attention output instead of every cell; default v_prev)")
+                         f"attention output instead of every cell). Default: {DEFAULT_VALUE_INPUT} with low-rank "
+                         "forms, v_prev with dense")
     ap.add_argument("--outtype", default="f16", help="weight type when converting a Hugging Face folder (default f16)")
     ap.add_argument("--also", action="append", default=[], metavar="BITS:PATH",
                     help="also write the predictors fitted for BITS to PATH, sharing the pass over the model "

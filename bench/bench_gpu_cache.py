@@ -286,6 +286,10 @@ def report(args: argparse.Namespace) -> int:
     for shape_key, res in s["shapes"].items():
         caches = res["caches"]
         f16 = caches.get("f16", {})
+        # caches with only a KV twin measurement (not run on the device this time) get no row
+        caches = {c: e for c, e in caches.items() if "skipped" in e or e.get("pp") or e.get("tg")}
+        if not caches:
+            continue
         head = (["cache", "KV MiB @32K", "KV vs f16", "peak GPU MiB"] + [f"pp d{d}" for d in depths]
                 + [f"tg d{d}" for d in depths] + [f"pp/f16 d{depths[-1]}", f"tg/f16 d{depths[-1]}"])
         lines += [f"### {shape_key} shape", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

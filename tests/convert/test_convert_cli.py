@@ -116,8 +116,9 @@ def test_hf_input_matches_the_gguf_path(tiny_llama_hf: Path, tiny_llama_gguf: Pa
 
 
 def test_default_predictor_is_the_fast_form_clamped_to_the_model():
-    from aquakv_gguf.convert import DEFAULT_PREDICTOR, default_predictor, parse_predictor
+    from aquakv_gguf.convert import DEFAULT_PREDICTOR, DEFAULT_VALUE_INPUT, default_predictor, parse_predictor
     assert parse_predictor(DEFAULT_PREDICTOR) == ("lowrank", 32, 64)
+    assert DEFAULT_VALUE_INPUT == "k_prev"  # values without a chain: the CPU folds them (docs/PERF.md C8)
     assert default_predictor(192) == ("lowrank", 32, 64)
     assert default_predictor(48) == ("lowrank", 32, 48)
 
@@ -248,13 +249,15 @@ def test_lowrank_predictors_are_written_and_read_back(tiny_llama_gguf: Path, cal
     assert main([str(tiny_llama_gguf), "--out", str(out), "--calib-text", str(calib_file), "--predictor", "lowrank:16",
                  "--summary-json", str(js), *SMALL]) == 0
     printed = capsys.readouterr().out
-    assert "low-rank predictors (keys rank 16, values rank 16)" in printed
+    # a low-rank form takes the default value input (k_prev: values from keys, no value chain)
+    assert "low-rank predictors (keys rank 16, values rank 16, values from keys)" in printed
     want_mib = (2 * 16 * 128 * 2 + 3 * 16 * 128 * 2 + 2 * 128 * 4) / 2**20
     summary = json.loads(js.read_text())
     assert (summary["predictor_form"], summary["predictor_rank_k"], summary["predictor_rank_v"]) == ("lowrank", 16, 16)
     assert summary["predictor_mib"] == pytest.approx(want_mib)
     back = read_aqua_gguf(out)
     assert (back.predictor_form, back.predictor_rank_k, back.predictor_rank_v) == ("lowrank", 16, 16)
+    assert back.predictor_value_input == summary["predictor_value_input"] == "k_prev"
     raw = RawGGUF(out)
     assert raw.get(names.KEY_PREDICTOR_FORM) == "lowrank" and raw.get(names.KEY_PREDICTOR_BLOCK) is None
     assert raw.tensor("blk.1.aquakv_k_pred.weight") is None and raw.tensor("blk.1.aquakv_k_pred_down.weight") is not None

@@ -43,15 +43,20 @@ def sample(n_rows: int, n_channels: int, seed: int) -> np.ndarray:
 @needs_cuda
 @pytest.mark.parametrize("neox", [False, True])
 def test_cuda_rope_and_cast_match_the_cpu(neox):
-    """The fused RoPE + f16 op and the value cast: CUDA rounds each product and sum on its own, the
-    CPU kernel may contract one into an FMA, so f16 results may differ by one ulp on a few values."""
+    """The fused RoPE + f16 op and the value cast on CUDA against upstream's ggml_rope_ext + cast on
+    the same backend. (Against the CPU the angles themselves differ: at positions up to 32768,
+    ggml-cuda's and ggml-cpu's sin/cos of the same f32 angle disagree in the last bits, for
+    upstream's own RoPE as much as for ours, so the CPU is no oracle for the GPU here; measured on
+    an H200, 2026-12-02.) CUDA may contract a product and a sum into an FMA where ggml's kernel does
+    not, so a few f16 values may differ by one ulp."""
     rng = np.random.default_rng(int(neox))
     x = rng.standard_normal((4097, 8, 128)).astype(np.float32)
     pos = rng.integers(0, 32768, 4097).astype(np.int32)
-    cpu = rope_f16(x, pos, neox=neox, freq_base=500000.0).astype(np.float32)
+    upstream = rope_f16(x, pos, neox=neox, freq_base=500000.0, gpu=True, fused=False).astype(np.float32)
     gpu = rope_f16(x, pos, neox=neox, freq_base=500000.0, gpu=True).astype(np.float32)
-    close = np.isclose(gpu, cpu, rtol=2e-3, atol=1e-6)
-    assert close.all() and np.mean(gpu == cpu) >= 0.999
+    close = np.isclose(gpu, upstream, rtol=2e-3, atol=1e-6)
+    print(f"fused vs upstream RoPE on CUDA: {np.mean(gpu == upstream):.5f} identical, {np.mean(close):.5f} close")
+    assert close.all() and np.mean(gpu == upstream) >= 0.999
     v = x.reshape(-1, 1024)
     np.testing.assert_array_equal(cast_f16(v, gpu=True).view(np.uint16), v.astype(np.float16).view(np.uint16))
 
