@@ -121,13 +121,14 @@ class _Stats:
     of layer l + 1; its centred copy and Gram matrix are computed once and serve both.
     """
 
-    def __init__(self, x: torch.Tensor, n_train: int, mean: torch.Tensor | None = None):
+    def __init__(self, x: torch.Tensor, n_train: int, mean: torch.Tensor | None = None, moments: bool = True):
         self.x = x
         self.mean = _train_mean(x, n_train) if mean is None else mean
         # Centred, so that no product cancels large offsets (pre-RoPE keys carry per-channel means
-        # much larger than their spread) in float32.
-        self.xc: torch.Tensor | None = x[:n_train] - self.mean.to(torch.float32)
-        self.gram = _centred_products([(self.xc, self.xc)])[0]
+        # much larger than their spread) in float32. moments=False: the rows are no predictor
+        # input (v̂ with value input k_prev), so neither copy nor Gram matrix is made.
+        self.xc: torch.Tensor | None = x[:n_train] - self.mean.to(torch.float32) if moments else None
+        self.gram = _centred_products([(self.xc, self.xc)])[0] if moments else None
 
     def release(self) -> None:
         self.xc = None
@@ -471,7 +472,7 @@ def _fit_layer(ch: _Chain, k: torch.Tensor, v: torch.Tensor, k_mean: torch.Tenso
     v_hat, vh_mean, v_pred_err = _predict_quantize(ch.q, v, predict_v, n_train, n_train)
     timings["quantize"] += time.perf_counter() - t0
     t0 = time.perf_counter()
-    vh = _Stats(v_hat, n_train, vh_mean)
+    vh = _Stats(v_hat, n_train, vh_mean, moments=value_input != "k_prev")
     timings["fit"] += time.perf_counter() - t0
 
     def np32(t: torch.Tensor) -> np.ndarray:
